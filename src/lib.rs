@@ -1,0 +1,2 @@
+//! outbox
+pub mod core;
