@@ -1,0 +1,254 @@
+//! Every knob of delivery, with the defaults that DESIGN.md argues for.
+//!
+//! The JS API accepts the same structure in camelCase; every field is optional there.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::backoff::Backoff;
+use super::breaker::BreakerConfig;
+use super::op::Priority;
+use super::time::{DAY, MINUTE, Millis, SECOND};
+
+/// The whole delivery policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// Retry delays.
+    pub backoff: Backoff,
+    /// Limits for ops the user waits on.
+    pub user: RetryLimits,
+    /// Limits for background ops.
+    pub background: RetryLimits,
+    /// The largest `Retry-After` honoured; longer ones are clamped so a misconfigured server
+    /// cannot park the queue for days.
+    pub max_retry_after_ms: Millis,
+    /// How long a request may take before it is abandoned. An op's attempt is recorded with a
+    /// lease this long, so a worker killed mid-send retries it after the lease.
+    pub request_timeout_ms: Millis,
+    /// How many requests may be in flight at once.
+    pub max_in_flight: usize,
+    /// Request sizing.
+    pub batch: BatchConfig,
+    /// Queue size caps.
+    pub limits: Limits,
+    /// The circuit breaker.
+    pub breaker: BreakerConfig,
+    /// The conflict policy for kinds not listed in `kinds`.
+    pub default_conflict: ConflictPolicy,
+    /// Per-kind policies.
+    pub kinds: BTreeMap<String, KindPolicy>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            backoff: Backoff::default(),
+            user: RetryLimits {
+                max_attempts: 8,
+                max_age_ms: DAY,
+            },
+            background: RetryLimits {
+                max_attempts: 50,
+                max_age_ms: 7 * DAY,
+            },
+            max_retry_after_ms: 10 * MINUTE,
+            request_timeout_ms: 5 * SECOND,
+            max_in_flight: 2,
+            batch: BatchConfig::default(),
+            limits: Limits::default(),
+            breaker: BreakerConfig::default(),
+            default_conflict: ConflictPolicy::ServerWins,
+            kinds: BTreeMap::new(),
+        }
+    }
+}
+
+/// Why a [`Config`] cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid config: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// The retry limits for a priority.
+    pub fn limits_for(&self, priority: Priority) -> &RetryLimits {
+        match priority {
+            Priority::User => &self.user,
+            Priority::Background => &self.background,
+        }
+    }
+
+    /// The policy for a kind.
+    pub fn kind(&self, kind: &str) -> KindPolicy {
+        self.kinds.get(kind).copied().unwrap_or(KindPolicy {
+            conflict: self.default_conflict,
+            coalesce: false,
+        })
+    }
+
+    /// Checks the values that would make delivery misbehave rather than fail loudly.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |why: &str| Err(ConfigError(why.to_owned()));
+        if self.backoff.base_ms == 0 {
+            return fail("backoff.baseMs must be at least 1");
+        }
+        if self.backoff.cap_ms < self.backoff.base_ms {
+            return fail("backoff.capMs must be at least backoff.baseMs");
+        }
+        if !(1.0..=16.0).contains(&self.backoff.factor) {
+            return fail("backoff.factor must be between 1 and 16");
+        }
+        for (name, limits) in [("user", &self.user), ("background", &self.background)] {
+            if limits.max_attempts == 0 || limits.max_age_ms == 0 {
+                return Err(ConfigError(format!(
+                    "{name}.maxAttempts and {name}.maxAgeMs must be at least 1"
+                )));
+            }
+        }
+        if self.request_timeout_ms == 0 {
+            return fail("requestTimeoutMs must be at least 1");
+        }
+        if self.max_in_flight == 0 {
+            return fail("maxInFlight must be at least 1");
+        }
+        if self.batch.max_ops == 0 || self.batch.max_bytes == 0 {
+            return fail("batch.maxOps and batch.maxBytes must be at least 1");
+        }
+        if self.limits.max_pending == 0 || self.limits.max_op_bytes == 0 {
+            return fail("limits.maxPending and limits.maxOpBytes must be at least 1");
+        }
+        if self.limits.max_op_bytes > self.limits.max_bytes {
+            return fail("limits.maxOpBytes must not exceed limits.maxBytes");
+        }
+        if self.limits.max_op_bytes > self.batch.max_bytes {
+            return fail(
+                "limits.maxOpBytes must not exceed batch.maxBytes, or a large op could never be sent",
+            );
+        }
+        self.breaker.validate()
+    }
+}
+
+/// When to give up on an op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryLimits {
+    /// Server-side failures tolerated before the op becomes a dead letter.
+    pub max_attempts: u32,
+    /// Age after which an undelivered op becomes a dead letter.
+    pub max_age_ms: Millis,
+}
+
+/// How requests are built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Most ops in one request. With `single`, always 1.
+    pub max_ops: usize,
+    /// Most bytes of ops in one request (see [`Op::size`](super::op::Op::size)).
+    pub max_bytes: u64,
+    /// Batch requests, or one op per request with an `Idempotency-Key` header.
+    pub mode: SendMode,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_ops: 100,
+            max_bytes: 512 * 1024,
+            mode: SendMode::Batch,
+        }
+    }
+}
+
+/// The shape of requests on the wire (see docs/PROTOCOL.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SendMode {
+    /// `POST /v1/ops` with many ops and a result per op.
+    Batch,
+    /// `POST /v1/op` with one op and an `Idempotency-Key` header; the HTTP status is the result.
+    Single,
+}
+
+/// Caps on the queue, so it cannot grow without bound. Past a cap `enqueue` fails; nothing is
+/// dropped silently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Limits {
+    /// Most pending ops.
+    pub max_pending: u64,
+    /// Most bytes of pending ops.
+    pub max_bytes: u64,
+    /// Largest single op. Kept under 64 KiB by default so an op also fits a keepalive beacon.
+    pub max_op_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_pending: 200_000,
+            max_bytes: 64 * 1024 * 1024,
+            max_op_bytes: 60 * 1024,
+        }
+    }
+}
+
+/// What to do when the server reports that an op's `base_version` is stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConflictPolicy {
+    /// Drop the op and emit `conflict` with the server's state, so the UI rolls back.
+    ServerWins,
+    /// Last writer wins: rebase on the server's version and send again (with a new id).
+    ClientWins,
+    /// Park the op in the conflicts store until the UI resolves it.
+    Manual,
+}
+
+/// Per-kind behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KindPolicy {
+    /// See [`ConflictPolicy`].
+    pub conflict: ConflictPolicy,
+    /// Whether a newer op of this kind replaces a queued one on the same entity that never left
+    /// the device ("replace"-style ops, where only the latest value matters).
+    #[serde(default)]
+    pub coalesce: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn validation_names_the_bad_field() {
+        let mut config = Config::default();
+        config.backoff.base_ms = 0;
+        assert!(config.validate().unwrap_err().0.contains("baseMs"));
+        let mut config = Config::default();
+        config.limits.max_op_bytes = config.batch.max_bytes + 1;
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn config_parses_from_partial_camel_case_json() {
+        let config: Config = serde_json::from_str(
+            r#"{"backoff": {"baseMs": 50, "capMs": 1000, "factor": 2},
+                "kinds": {"title": {"conflict": "client-wins", "coalesce": true}}}"#,
+        )
+        .unwrap();
+        assert_eq!(config.backoff.base_ms, 50);
+        assert_eq!(config.kind("title").conflict, ConflictPolicy::ClientWins);
+        assert!(config.kind("title").coalesce);
+        assert_eq!(config.kind("other").conflict, ConflictPolicy::ServerWins);
+        assert!(serde_json::from_str::<Config>(r#"{"bogus": 1}"#).is_err());
+    }
+}
