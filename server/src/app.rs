@@ -1,0 +1,948 @@
+//! The HTTP layer: routes, the request pipeline of the op routes, admin endpoints, metrics.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http_body::Frame;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::{Deserialize, Serialize};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tracing::{error, warn};
+
+use crate::config::Config;
+use crate::faults::{Fault, Faults, Route, RuleSpec};
+use crate::limit::RateLimiter;
+use crate::metrics::Metrics;
+use crate::problem::Problem;
+use crate::store::{
+    ApplyOutcome, ApplyRequest, Binding, KeyedRequest, OpResult, Outcome, RejectRule, Store,
+};
+use crate::wire::{Envelope, parse_envelope};
+
+/// Most entries the admin log keeps per tenant; older ones are dropped first.
+const LOG_CAP: usize = 1_000_000;
+/// Longest Idempotency-Key.
+const MAX_KEY_LEN: usize = 255;
+
+/// Shared state of all handlers.
+pub struct AppState<S> {
+    store: S,
+    /// (tenant, token) pairs.
+    tokens: Vec<(String, String)>,
+    admin_token: Option<String>,
+    max_body: usize,
+    limiter: RateLimiter,
+    faults: Faults,
+    metrics: Metrics,
+    /// Requests with an Idempotency-Key that are running now, with their body fingerprint.
+    /// Only this instance's requests: a multi-instance store would keep this in the database.
+    inflight: Mutex<HashMap<(String, String, String), [u8; 32]>>,
+    /// The admin log, kept only when admin endpoints are on.
+    log: Option<Mutex<HashMap<String, VecDeque<LogEntry>>>>,
+    arrivals: AtomicU64,
+}
+
+impl<S: Store> AppState<S> {
+    /// Builds the state from the flags and an open store.
+    pub fn new(config: &Config, store: S) -> Self {
+        AppState {
+            store,
+            tokens: config.tokens.clone(),
+            admin_token: config.admin_token.clone(),
+            max_body: config.max_body,
+            limiter: RateLimiter::new(config.rate, config.burst),
+            faults: Faults::new(config),
+            metrics: Metrics::default(),
+            inflight: Mutex::new(HashMap::new()),
+            log: config
+                .admin_token
+                .as_ref()
+                .map(|_| Mutex::new(HashMap::new())),
+            arrivals: AtomicU64::new(0),
+        }
+    }
+
+    /// The store (for the purge task).
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    fn tenant_for(&self, token: &str) -> Option<String> {
+        // Compare against every token in constant time so that timing tells nothing.
+        let mut found = None;
+        for (tenant, known) in &self.tokens {
+            if constant_time_eq(known.as_bytes(), token.as_bytes()) {
+                found = Some(tenant.clone());
+            }
+        }
+        found
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Builds the router with every route, the metrics middleware and CORS.
+pub fn router<S: Store>(
+    state: Arc<AppState<S>>,
+    cors_origins: &[String],
+) -> Result<Router, String> {
+    let mut router = Router::new()
+        .route("/v1/ops", post(ops::<S>))
+        .route("/v1/op", post(op::<S>))
+        .route("/v1/beacon", post(beacon::<S>))
+        .route("/v1/health", get(health::<S>))
+        .route("/v1/entities/{*id}", get(entity::<S>))
+        .route("/metrics", get(metrics::<S>));
+    if state.admin_token.is_some() {
+        router = router
+            .route(
+                "/v1/admin/faults",
+                post(add_faults::<S>).delete(clear_faults::<S>),
+            )
+            .route("/v1/admin/log", get(admin_log::<S>));
+    }
+    let mut router = router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests::<S>,
+        ))
+        .with_state(state);
+    if !cors_origins.is_empty() {
+        router = router.layer(cors(cors_origins)?);
+    }
+    Ok(router)
+}
+
+fn cors(origins: &[String]) -> Result<CorsLayer, String> {
+    let allow_origin = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let list = origins
+            .iter()
+            .map(|o| HeaderValue::from_str(o).map_err(|_| format!("bad --cors-origin `{o}`")))
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(list)
+    };
+    // `Access-Control-Allow-Headers: *` does not cover Authorization, so the headers are
+    // named; Retry-After is not a safelisted response header, so it is exposed.
+    Ok(CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([Method::GET, Method::HEAD, Method::POST, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("idempotency-key"),
+        ])
+        .expose_headers([header::RETRY_AFTER])
+        .max_age(Duration::from_secs(600)))
+}
+
+/// Marks a response whose connection is dropped on purpose.
+#[derive(Clone, Copy)]
+struct Dropped;
+
+/// A body that fails on its first poll. Hyper then closes the connection before the buffered
+/// head is written, so the client sees a connection error and no response at all.
+struct Abort;
+
+impl http_body::Body for Abort {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        Poll::Ready(Some(Err(io::Error::other(
+            "fault injected: connection dropped",
+        ))))
+    }
+}
+
+fn dropped_connection() -> Response {
+    let mut response = Response::new(Body::new(Abort));
+    response.extensions_mut().insert(Dropped);
+    response
+}
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn count_requests<S: Store>(
+    State(st): State<Arc<AppState<S>>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let response = next.run(req).await;
+    let status = if response.extensions().get::<Dropped>().is_some() {
+        "dropped".to_owned()
+    } else {
+        response.status().as_u16().to_string()
+    };
+    st.metrics.request(&route, &status);
+    response
+}
+
+async fn timed<S: Store, T>(st: &AppState<S>, f: impl Future<Output = T>) -> T {
+    let start = Instant::now();
+    let out = f.await;
+    st.metrics.storage(start.elapsed());
+    out
+}
+
+enum Bearer<'a> {
+    Absent,
+    Token(&'a str),
+    Invalid,
+}
+
+fn bearer(headers: &HeaderMap) -> Bearer<'_> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Bearer::Absent;
+    };
+    let Ok(value) = value.to_str() else {
+        return Bearer::Invalid;
+    };
+    match value.trim().split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Bearer::Token(token.trim())
+        }
+        _ => Bearer::Invalid,
+    }
+}
+
+/// The tenant of a request that must carry `Authorization: Bearer`.
+fn authenticate<S: Store>(st: &AppState<S>, headers: &HeaderMap) -> Result<String, Problem> {
+    match bearer(headers) {
+        Bearer::Absent => Err(Problem::unauthorized("no Authorization: Bearer header")),
+        Bearer::Invalid => Err(Problem::unauthorized(
+            "the Authorization header is not `Bearer <token>`",
+        )),
+        Bearer::Token(token) => st
+            .tenant_for(token)
+            .ok_or_else(|| Problem::unauthorized("unknown bearer token")),
+    }
+}
+
+/// Reads `Idempotency-Key`: bare (`k-1`) or an RFC 8941 string (`"k-1"`, parameters ignored).
+fn idempotency_key(headers: &HeaderMap) -> Result<String, Problem> {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let Some(value) = values.next() else {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "missing-key",
+            "Missing Idempotency-Key",
+            "POST /v1/op requires an Idempotency-Key header",
+        ));
+    };
+    if values.next().is_some() {
+        return Err(Problem::malformed("Idempotency-Key: sent more than once"));
+    }
+    let bad = |why: &str| Problem::malformed(format!("Idempotency-Key: {why}"));
+    let raw = value.to_str().map_err(|_| bad("not visible ASCII"))?.trim();
+    let key = if let Some(rest) = raw.strip_prefix('"') {
+        let mut key = String::new();
+        let mut chars = rest.chars();
+        loop {
+            match chars.next() {
+                None => return Err(bad("unterminated string")),
+                Some('"') => break,
+                Some('\\') => match chars.next() {
+                    Some(c @ ('"' | '\\')) => key.push(c),
+                    _ => return Err(bad("only \\\" and \\\\ may be escaped")),
+                },
+                Some(c) if (' '..='~').contains(&c) => key.push(c),
+                Some(_) => return Err(bad("not visible ASCII")),
+            }
+        }
+        let after = chars.as_str();
+        if !after.is_empty() && !after.starts_with(';') {
+            return Err(bad("text after the closing quote"));
+        }
+        key
+    } else {
+        if !raw.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+            return Err(bad(
+                "a bare key must be visible ASCII without spaces (or quote it)",
+            ));
+        }
+        raw.to_owned()
+    };
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        return Err(bad(&format!("must be 1 to {MAX_KEY_LEN} characters")));
+    }
+    Ok(key)
+}
+
+fn too_large(max: usize) -> Problem {
+    let mut p = Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too-large",
+        "Request body too large",
+        format!("the body is larger than {max} bytes"),
+    )
+    .with("max_bytes", max);
+    p.close = true;
+    p
+}
+
+/// Reads the body, refusing more than `max` bytes: at once by Content-Length, and while
+/// reading for bodies without one (chunked) or that lie about it.
+async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes, Problem> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large(max));
+    }
+    match Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large(max)),
+        Err(e) => Err(Problem::malformed(format!("could not read the body: {e}"))),
+    }
+}
+
+/// One line of `GET /v1/admin/log`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogEntry {
+    /// Server arrival time of the request, ms since the epoch.
+    pub at: i64,
+    /// `ops`, `op` or `beacon`.
+    pub route: &'static str,
+    /// The client id.
+    pub client: String,
+    /// The op id.
+    pub id: String,
+    /// The op's seq.
+    pub seq: i64,
+    /// The op's entity.
+    pub entity: Option<String>,
+    /// The op's kind.
+    pub kind: String,
+    /// The op result status, or `null` when the request ended before a result.
+    pub status: Option<&'static str>,
+    /// The version of the result, if any.
+    pub version: Option<i64>,
+    /// Whether the result was a replay.
+    pub replayed: bool,
+    /// The HTTP status answered, or `null` when the connection was dropped.
+    pub http: Option<u16>,
+    /// The injected fault's kind, if any.
+    pub fault: Option<&'static str>,
+    #[serde(skip)]
+    order: (u64, usize),
+}
+
+/// What is known about an op request while it is handled, for the admin log.
+struct Seen {
+    at: i64,
+    arrival: u64,
+    route: Route,
+    tenant: String,
+    fault: Option<&'static str>,
+}
+
+impl Seen {
+    fn record<S: Store>(
+        &self,
+        st: &AppState<S>,
+        env: &Envelope,
+        results: Option<&[OpResult]>,
+        http: Option<u16>,
+    ) {
+        if let Some(results) = results {
+            for r in results {
+                st.metrics.result(r.outcome.status());
+            }
+        }
+        let Some(log) = &st.log else { return };
+        let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = log.entry(self.tenant.clone()).or_default();
+        for (i, op) in env.ops.iter().enumerate() {
+            let result = results.and_then(|r| r.get(i));
+            if entries.len() >= LOG_CAP {
+                entries.pop_front();
+            }
+            entries.push_back(LogEntry {
+                at: self.at,
+                route: self.route.as_str(),
+                client: env.client.clone(),
+                id: op.id.clone(),
+                seq: op.seq,
+                entity: op.entity.clone(),
+                kind: op.kind.clone(),
+                status: result.map(|r| r.outcome.status()),
+                version: result.and_then(|r| r.outcome.version()),
+                replayed: result.is_some_and(|r| r.replayed),
+                http,
+                fault: self.fault,
+                order: (self.arrival, i),
+            });
+        }
+    }
+
+    fn problem<S: Store>(&self, st: &AppState<S>, env: &Envelope, problem: Problem) -> Response {
+        self.record(st, env, None, Some(problem.status.as_u16()));
+        problem.into_response()
+    }
+}
+
+async fn ops<S: Store>(State(st): State<Arc<AppState<S>>>, req: Request) -> Response {
+    submit(&st, Route::Ops, req).await
+}
+
+async fn op<S: Store>(State(st): State<Arc<AppState<S>>>, req: Request) -> Response {
+    submit(&st, Route::Op, req).await
+}
+
+async fn beacon<S: Store>(State(st): State<Arc<AppState<S>>>, req: Request) -> Response {
+    submit(&st, Route::Beacon, req).await
+}
+
+/// The pipeline of the op routes: auth, key, body, envelope, client binding, rate, faults,
+/// apply, answer.
+async fn submit<S: Store>(st: &AppState<S>, route: Route, req: Request) -> Response {
+    let at = now_ms();
+    let arrival = st.arrivals.fetch_add(1, Ordering::Relaxed);
+    let (parts, body) = req.into_parts();
+
+    // A beacon may carry its token in the body instead, so its auth waits for the body.
+    let header_tenant = match (route, authenticate(st, &parts.headers)) {
+        (_, Ok(tenant)) => Some(tenant),
+        (Route::Beacon, Err(_)) if matches!(bearer(&parts.headers), Bearer::Absent) => None,
+        (_, Err(problem)) => return problem.into_response(),
+    };
+    let key = if route == Route::Op {
+        match idempotency_key(&parts.headers) {
+            Ok(key) => Some(key),
+            Err(problem) => return problem.into_response(),
+        }
+    } else {
+        None
+    };
+    let bytes = match read_body(body, &parts.headers, st.max_body).await {
+        Ok(bytes) => bytes,
+        Err(problem) => return problem.into_response(),
+    };
+    let env = match parse_envelope(&bytes) {
+        Ok(env) => env,
+        Err(m) => {
+            return Problem::malformed(m.detail)
+                .with("pointer", m.pointer)
+                .into_response();
+        }
+    };
+    if route == Route::Op && env.ops.len() != 1 {
+        return Problem::malformed(format!(
+            "ops: POST /v1/op takes exactly one op, got {}",
+            env.ops.len()
+        ))
+        .with("pointer", "/ops")
+        .into_response();
+    }
+    let tenant = match header_tenant {
+        Some(tenant) => tenant,
+        None => match env.access_token.as_deref().and_then(|t| st.tenant_for(t)) {
+            Some(tenant) => tenant,
+            None if env.access_token.is_some() => {
+                return Problem::unauthorized("unknown access_token").into_response();
+            }
+            None => {
+                return Problem::unauthorized("no bearer token in the header or in access_token")
+                    .into_response();
+            }
+        },
+    };
+    let mut seen = Seen {
+        at,
+        arrival,
+        route,
+        tenant: tenant.clone(),
+        fault: None,
+    };
+
+    match timed(st, st.store.bind_client(&tenant, &env.client, at)).await {
+        Ok(Binding::Ours) => {}
+        Ok(Binding::OtherTenant) => {
+            let problem = Problem::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "Client belongs to another tenant",
+                format!("client {} was first used by another tenant", env.client),
+            );
+            return seen.problem(st, &env, problem);
+        }
+        Err(e) => {
+            error!(error = %e, "storage failed binding a client");
+            return seen.problem(st, &env, Problem::unavailable(e.to_string()));
+        }
+    }
+    if let Err(wait) = st.limiter.check(&tenant, &env.client, Instant::now()) {
+        let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+        let problem = Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Too many requests",
+            format!("this client passed its request rate; retry in {seconds} s"),
+        )
+        .retry_after(seconds);
+        return seen.problem(st, &env, problem);
+    }
+
+    let kinds: Vec<&str> = env.ops.iter().map(|o| o.kind.as_str()).collect();
+    let mut reject = None;
+    let mut drop_after_commit = false;
+    if let Some((fault, source)) = st.faults.pick(route, Some(&tenant), &kinds) {
+        warn!(kind = fault.kind(), ?source, ?fault, route = route.as_str(), %tenant, client = %env.client, "fault injected");
+        st.metrics.fault(fault.kind());
+        seen.fault = Some(fault.kind());
+        match fault {
+            Fault::Status {
+                status,
+                retry_after,
+            } => {
+                let mut problem = Problem::new(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                    "injected",
+                    "Injected fault",
+                    format!("fault injection answered {status}; nothing was applied"),
+                );
+                problem.retry_after = retry_after;
+                return seen.problem(st, &env, problem);
+            }
+            Fault::Delay { ms } => tokio::time::sleep(Duration::from_millis(ms)).await,
+            Fault::ResetBeforeCommit => {
+                seen.record(st, &env, None, None);
+                return dropped_connection();
+            }
+            Fault::DropAfterCommit => drop_after_commit = true,
+            Fault::Reject { reason, kind } => reject = Some(RejectRule { reason, kind }),
+        }
+    }
+
+    let request = ApplyRequest {
+        tenant: tenant.clone(),
+        client: env.client.clone(),
+        ops: env.ops.clone(),
+        reject,
+        key: None,
+        now_ms: at,
+    };
+    match key {
+        Some(key) => keyed(st, &seen, &env, request, key, drop_after_commit).await,
+        None => match timed(st, st.store.apply(request)).await {
+            Ok(ApplyOutcome::Results(results)) => {
+                if drop_after_commit {
+                    seen.record(st, &env, Some(&results), None);
+                    return dropped_connection();
+                }
+                seen.record(st, &env, Some(&results), Some(200));
+                json_response(
+                    StatusCode::OK,
+                    serde_json::json!({ "results": results }).to_string(),
+                )
+            }
+            Ok(other) => {
+                error!(?other, "store answered a batch with a keyed outcome");
+                seen.problem(st, &env, Problem::unavailable("internal storage error"))
+            }
+            Err(e) => {
+                error!(error = %e, "storage failed applying ops");
+                seen.problem(st, &env, Problem::unavailable(e.to_string()))
+            }
+        },
+    }
+}
+
+/// Removes an in-flight Idempotency-Key when the request ends, however it ends.
+struct Claim<'a> {
+    inflight: &'a Mutex<HashMap<(String, String, String), [u8; 32]>>,
+    key: (String, String, String),
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
+}
+
+fn key_reused() -> Problem {
+    Problem::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "key-reused",
+        "Idempotency-Key reused",
+        "this Idempotency-Key was used with another body",
+    )
+}
+
+/// `POST /v1/op` after the common pipeline: claim the key, apply, answer by outcome.
+async fn keyed<S: Store>(
+    st: &AppState<S>,
+    seen: &Seen,
+    env: &Envelope,
+    mut request: ApplyRequest,
+    key: String,
+    drop_after_commit: bool,
+) -> Response {
+    let claim_key = (request.tenant.clone(), request.client.clone(), key.clone());
+    {
+        let mut inflight = st.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        match inflight.get(&claim_key) {
+            Some(fingerprint) if *fingerprint == env.fingerprint => {
+                drop(inflight);
+                let problem = Problem::new(
+                    StatusCode::CONFLICT,
+                    "in-progress",
+                    "Request in progress",
+                    "a request with this Idempotency-Key is still running; try again soon",
+                )
+                .retry_after(1);
+                return seen.problem(st, env, problem);
+            }
+            Some(_) => {
+                drop(inflight);
+                return seen.problem(st, env, key_reused());
+            }
+            None => {
+                inflight.insert(claim_key.clone(), env.fingerprint);
+            }
+        }
+    }
+    let _claim = Claim {
+        inflight: &st.inflight,
+        key: claim_key,
+    };
+    request.key = Some(KeyedRequest {
+        key,
+        fingerprint: env.fingerprint,
+    });
+    let result = match timed(st, st.store.apply(request)).await {
+        Ok(ApplyOutcome::KeyReused) => return seen.problem(st, env, key_reused()),
+        Ok(ApplyOutcome::KeyReplay(result)) => result,
+        Ok(ApplyOutcome::Results(mut results)) if results.len() == 1 => results.remove(0),
+        Ok(other) => {
+            error!(
+                ?other,
+                "store answered a keyed request with several results"
+            );
+            return seen.problem(st, env, Problem::unavailable("internal storage error"));
+        }
+        Err(e) => {
+            error!(error = %e, "storage failed applying an op");
+            return seen.problem(st, env, Problem::unavailable(e.to_string()));
+        }
+    };
+    if drop_after_commit {
+        seen.record(st, env, Some(std::slice::from_ref(&result)), None);
+        return dropped_connection();
+    }
+    let response = single_result_response(&result);
+    seen.record(
+        st,
+        env,
+        Some(std::slice::from_ref(&result)),
+        Some(response.status().as_u16()),
+    );
+    response
+}
+
+/// How `/v1/op` answers one result (docs/PROTOCOL.md, the `/v1/op` table).
+fn single_result_response(result: &OpResult) -> Response {
+    let problem = match &result.outcome {
+        Outcome::Applied { .. } | Outcome::Duplicate { .. } => {
+            return json_response(
+                StatusCode::OK,
+                serde_json::to_string(result).unwrap_or_default(),
+            );
+        }
+        Outcome::Conflict { version, state } => Problem::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "Version conflict",
+            format!("base_version is not the entity's version {version}"),
+        )
+        .with("version", *version)
+        .with("state", state.clone()),
+        Outcome::Rejected { reason } => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "rejected",
+            "Op rejected",
+            reason.clone(),
+        )
+        .with("reason", reason.clone()),
+        Outcome::OutOfOrder { last } => Problem::new(
+            StatusCode::TOO_EARLY,
+            "out-of-order",
+            "Op out of order",
+            format!("a predecessor has not arrived; the last applied seq is {last}"),
+        )
+        .with("last", *last),
+    };
+    let mut problem = problem
+        .with("id", result.id.clone())
+        .with("op_status", result.outcome.status());
+    if result.replayed {
+        problem = problem.with("replayed", true);
+    }
+    problem.into_response()
+}
+
+async fn health<S: Store>(State(st): State<Arc<AppState<S>>>) -> Response {
+    if let Some((fault, source)) = st.faults.pick(Route::Health, None, &[]) {
+        warn!(
+            kind = fault.kind(),
+            ?source,
+            ?fault,
+            route = "health",
+            "fault injected"
+        );
+        st.metrics.fault(fault.kind());
+        match fault {
+            Fault::Status {
+                status,
+                retry_after,
+            } => {
+                let mut problem = Problem::new(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                    "injected",
+                    "Injected fault",
+                    format!("fault injection answered {status}"),
+                );
+                problem.retry_after = retry_after;
+                return problem.into_response();
+            }
+            Fault::Delay { ms } => tokio::time::sleep(Duration::from_millis(ms)).await,
+            Fault::ResetBeforeCommit | Fault::DropAfterCommit => return dropped_connection(),
+            Fault::Reject { .. } => {}
+        }
+    }
+    match timed(&st, st.store.ping()).await {
+        Ok(()) => json_response(StatusCode::OK, r#"{"status":"ok"}"#.to_owned()),
+        Err(e) => {
+            error!(error = %e, "health check cannot reach storage");
+            Problem::unavailable(e.to_string()).into_response()
+        }
+    }
+}
+
+async fn entity<S: Store>(
+    State(st): State<Arc<AppState<S>>>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> Response {
+    let tenant = match authenticate(&st, &headers) {
+        Ok(tenant) => tenant,
+        Err(problem) => return problem.into_response(),
+    };
+    let id = match path {
+        Ok(Path(id)) => id,
+        Err(e) => return Problem::malformed(format!("entity id: {e}")).into_response(),
+    };
+    match timed(&st, st.store.entity(&tenant, &id)).await {
+        Ok(Some(entity)) => json_response(
+            StatusCode::OK,
+            serde_json::to_string(&entity).unwrap_or_default(),
+        ),
+        Ok(None) => Problem::not_found(format!("no entity `{id}`")).into_response(),
+        Err(e) => {
+            error!(error = %e, "storage failed reading an entity");
+            Problem::unavailable(e.to_string()).into_response()
+        }
+    }
+}
+
+async fn metrics<S: Store>(State(st): State<Arc<AppState<S>>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+fn authorize_admin<S: Store>(st: &AppState<S>, headers: &HeaderMap) -> Result<(), Problem> {
+    let expected = st.admin_token.as_deref().unwrap_or_default();
+    match bearer(headers) {
+        Bearer::Token(token)
+            if !expected.is_empty() && constant_time_eq(token.as_bytes(), expected.as_bytes()) =>
+        {
+            Ok(())
+        }
+        _ => Err(Problem::unauthorized(
+            "admin endpoints need `Authorization: Bearer <admin token>`",
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulesBody {
+    rules: Vec<RuleSpec>,
+}
+
+async fn add_faults<S: Store>(State(st): State<Arc<AppState<S>>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    if let Err(problem) = authorize_admin(&st, &parts.headers) {
+        return problem.into_response();
+    }
+    let bytes = match read_body(body, &parts.headers, st.max_body).await {
+        Ok(bytes) => bytes,
+        Err(problem) => return problem.into_response(),
+    };
+    let body: RulesBody = match serde_json::from_slice(&bytes) {
+        Ok(body) => body,
+        Err(e) => {
+            return Problem::malformed(format!("expected {{\"rules\": [rule, …]}}: {e}"))
+                .into_response();
+        }
+    };
+    let mut rules = Vec::with_capacity(body.rules.len());
+    for (i, spec) in body.rules.into_iter().enumerate() {
+        match spec.validate() {
+            Ok(fault) => rules.push((spec, fault)),
+            Err(why) => return Problem::malformed(format!("rules[{i}]: {why}")).into_response(),
+        }
+    }
+    let added = rules.len();
+    st.faults.add(rules);
+    json_response(
+        StatusCode::OK,
+        serde_json::json!({ "added": added }).to_string(),
+    )
+}
+
+async fn clear_faults<S: Store>(
+    State(st): State<Arc<AppState<S>>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(problem) = authorize_admin(&st, &headers) {
+        return problem.into_response();
+    }
+    st.faults.clear();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    tenant: String,
+}
+
+async fn admin_log<S: Store>(
+    State(st): State<Arc<AppState<S>>>,
+    headers: HeaderMap,
+    query: Result<Query<LogQuery>, QueryRejection>,
+) -> Response {
+    if let Err(problem) = authorize_admin(&st, &headers) {
+        return problem.into_response();
+    }
+    let Ok(Query(LogQuery { tenant })) = query else {
+        return Problem::malformed("expected ?tenant=NAME").into_response();
+    };
+    let mut entries: Vec<LogEntry> = st
+        .log
+        .as_ref()
+        .and_then(|log| {
+            log.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&tenant)
+                .cloned()
+        })
+        .map(Vec::from)
+        .unwrap_or_default();
+    entries.sort_by_key(|e| e.order);
+    json_response(
+        StatusCode::OK,
+        serde_json::to_string(&entries).unwrap_or_default(),
+    )
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
+    Problem::not_found(format!("no route for {method} {}", uri.path())).into_response()
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> Response {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(value: &str) -> Result<String, Problem> {
+        let mut headers = HeaderMap::new();
+        headers.insert("idempotency-key", HeaderValue::from_str(value).unwrap());
+        idempotency_key(&headers)
+    }
+
+    #[test]
+    fn idempotency_key_accepts_bare_and_rfc8941_strings() {
+        assert_eq!(key("k-1").unwrap(), "k-1");
+        assert_eq!(key("\"k-1\"").unwrap(), "k-1");
+        assert_eq!(key("\"a \\\"b\\\\\"").unwrap(), "a \"b\\");
+        assert_eq!(key("\"k-1\";p=1").unwrap(), "k-1");
+        assert!(key("\"k-1").is_err());
+        assert!(key("\"\"").is_err());
+        assert!(key("a b").is_err());
+        assert!(key(&"x".repeat(256)).is_err());
+        assert_eq!(
+            idempotency_key(&HeaderMap::new()).unwrap_err().slug,
+            "missing-key"
+        );
+    }
+}
