@@ -1,0 +1,290 @@
+//! Shared harness: starts the real `outbox-server` binary on 127.0.0.1:0 with a temporary
+//! SQLite file, and kills it on drop (so a failing test never leaves a server behind).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+/// Tenant `test`'s token.
+pub const TOKEN: &str = "secret";
+/// Tenant `other`'s token.
+pub const OTHER: &str = "other-secret";
+/// The admin token.
+pub const ADMIN: &str = "admin";
+
+/// A running server process.
+pub struct Server {
+    child: Child,
+    _stdout: BufReader<ChildStdout>,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// The SQLite file.
+    pub db: PathBuf,
+    /// Where its stderr (the tracing log) goes.
+    pub log_path: PathBuf,
+    args: Vec<String>,
+    dir: TempDir,
+    pub http: reqwest::Client,
+}
+
+impl Server {
+    /// Starts a server with tenants `test` and `other`, the admin endpoints, and `extra` flags.
+    pub fn start(extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut args: Vec<String> = [
+            "--token",
+            "test=secret",
+            "--token",
+            "other=other-secret",
+            "--admin-token",
+            ADMIN,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let db = dir.path().join("outbox.db");
+        let log_path = dir.path().join("server-0.log");
+        let (child, stdout, url) = launch(&args, &db, &log_path);
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("http client");
+        Server {
+            child,
+            _stdout: stdout,
+            url,
+            db,
+            log_path,
+            args,
+            dir,
+            http,
+        }
+    }
+
+    /// Kills the process (SIGKILL: no graceful shutdown) and starts a new one on the same
+    /// database with the same flags. The port changes.
+    pub fn restart(&mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+        let n = std::fs::read_dir(self.dir.path())
+            .map(|d| d.count())
+            .unwrap_or(0);
+        self.log_path = self.dir.path().join(format!("server-{n}.log"));
+        let (child, stdout, url) = launch(&self.args, &self.db, &self.log_path);
+        self.child = child;
+        self._stdout = stdout;
+        self.url = url;
+        // Pooled connections point at the dead process.
+        self.http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("http client");
+    }
+
+    /// The server's stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// `url` + `path`.
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    /// POST /v1/ops as `token`.
+    pub async fn ops(&self, token: &str, body: &Value) -> reqwest::Result<reqwest::Response> {
+        self.http
+            .post(self.at("/v1/ops"))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+    }
+
+    /// POST /v1/ops as tenant `test`, expecting 200; returns `results`.
+    pub async fn ops_ok(&self, body: &Value) -> Vec<Value> {
+        let response = self.ops(TOKEN, body).await.expect("request");
+        assert_eq!(response.status(), 200, "POST /v1/ops");
+        let body: Value = response.json().await.expect("json");
+        body["results"].as_array().expect("results").clone()
+    }
+
+    /// POST /v1/op with an optional Idempotency-Key header value.
+    pub async fn op(
+        &self,
+        token: &str,
+        key: Option<&str>,
+        body: &Value,
+    ) -> reqwest::Result<reqwest::Response> {
+        let mut request = self
+            .http
+            .post(self.at("/v1/op"))
+            .bearer_auth(token)
+            .json(body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        request.send().await
+    }
+
+    /// GET /v1/entities/{id} as `token`; `None` on 404.
+    pub async fn entity(&self, token: &str, id: &str) -> Option<Value> {
+        let response = self
+            .http
+            .get(self.at(&format!("/v1/entities/{id}")))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request");
+        match response.status().as_u16() {
+            200 => Some(response.json().await.expect("json")),
+            404 => None,
+            other => panic!("GET entity answered {other}"),
+        }
+    }
+
+    /// GET /v1/admin/log?tenant=…
+    pub async fn log(&self, tenant: &str) -> Vec<Value> {
+        let response = self
+            .http
+            .get(self.at(&format!("/v1/admin/log?tenant={tenant}")))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200);
+        response.json().await.expect("json")
+    }
+
+    /// POST /v1/admin/faults with these rules.
+    pub async fn faults(&self, rules: Value) {
+        let response = self
+            .http
+            .post(self.at("/v1/admin/faults"))
+            .bearer_auth(ADMIN)
+            .json(&json!({ "rules": rules }))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200, "POST /v1/admin/faults");
+    }
+
+    /// Whether GET /v1/health answers 200 {"status":"ok"}.
+    pub async fn healthy(&self) -> bool {
+        match self.http.get(self.at("/v1/health")).send().await {
+            Ok(r) if r.status() == 200 => r
+                .json::<Value>()
+                .await
+                .map(|b| b["status"] == "ok")
+                .unwrap_or(false),
+            _ => false,
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn launch(
+    args: &[String],
+    db: &PathBuf,
+    log_path: &PathBuf,
+) -> (Child, BufReader<ChildStdout>, String) {
+    let log = std::fs::File::create(log_path).expect("log file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outbox-server"))
+        .args(["--listen", "127.0.0.1:0", "--db"])
+        .arg(db)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("spawn outbox-server");
+    let stdout = child.stdout.take().expect("stdout");
+    // Read the `listening on` line on a thread so that a server that never prints fails the
+    // test after a bound instead of hanging it.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        let read = reader.read_line(&mut line);
+        let _ = tx.send((read.map(|_| line), reader));
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok((Ok(line), reader)) if line.starts_with("listening on http://") => {
+            let url = line.trim().trim_start_matches("listening on ").to_owned();
+            (child, reader, url)
+        }
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(log_path).unwrap_or_default();
+            panic!(
+                "server did not start ({:?}); stderr:\n{log}",
+                other.map(|(l, _)| l)
+            );
+        }
+    }
+}
+
+/// A fresh canonical lowercase UUID (unique within the test process).
+pub fn uuid() -> String {
+    static N: AtomicU64 = AtomicU64::new(1);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        std::process::id(),
+        (t >> 16) & 0xffff,
+        (t >> 4) & 0xfff,
+        (n >> 48) & 0xfff,
+        n & 0xffff_ffff_ffff
+    )
+}
+
+/// An op with a fresh id.
+pub fn op(seq: i64, prev: i64, entity: Option<&str>, payload: Value) -> Value {
+    json!({
+        "id": uuid(), "seq": seq, "prev": prev, "entity": entity, "kind": "edit",
+        "payload": payload, "created_at": 1_764_081_600_000i64,
+    })
+}
+
+/// `{client, ops}`.
+pub fn envelope(client: &str, ops: Vec<Value>) -> Value {
+    json!({ "client": client, "ops": ops })
+}
+
+/// Polls `check` until it is true, failing the test after `within`. For conditions the test
+/// cannot be told about (a background purge), not for ordering requests.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
