@@ -37,6 +37,9 @@ const LOG_CAP: usize = 1_000_000;
 /// Longest Idempotency-Key.
 const MAX_KEY_LEN: usize = 255;
 
+/// Idempotency-Keys running now: (tenant, client, key) → body fingerprint.
+type InFlight = Mutex<HashMap<(String, String, String), [u8; 32]>>;
+
 /// Shared state of all handlers.
 pub struct AppState<S> {
     store: S,
@@ -49,7 +52,7 @@ pub struct AppState<S> {
     metrics: Metrics,
     /// Requests with an Idempotency-Key that are running now, with their body fingerprint.
     /// Only this instance's requests: a multi-instance store would keep this in the database.
-    inflight: Mutex<HashMap<(String, String, String), [u8; 32]>>,
+    inflight: InFlight,
     /// The admin log, kept only when admin endpoints are on.
     log: Option<Mutex<HashMap<String, VecDeque<LogEntry>>>>,
     arrivals: AtomicU64,
@@ -585,7 +588,7 @@ async fn submit<S: Store>(st: &AppState<S>, route: Route, req: Request) -> Respo
     let _claim = match &key {
         Some(key) => match claim(st, &seen, &env, key) {
             Ok(claim) => Some(claim),
-            Err(response) => return response,
+            Err(problem) => return seen.problem(st, &env, problem),
         },
         None => None,
     };
@@ -657,7 +660,7 @@ async fn submit<S: Store>(st: &AppState<S>, route: Route, req: Request) -> Respo
 
 /// Removes an in-flight Idempotency-Key when the request ends, however it ends.
 struct Claim<'a> {
-    inflight: &'a Mutex<HashMap<(String, String, String), [u8; 32]>>,
+    inflight: &'a InFlight,
     key: (String, String, String),
 }
 
@@ -677,7 +680,7 @@ fn claim<'a, S: Store>(
     seen: &Seen,
     env: &Envelope,
     key: &str,
-) -> Result<Claim<'a>, Response> {
+) -> Result<Claim<'a>, Problem> {
     let claim_key = (seen.tenant.clone(), env.client.clone(), key.to_owned());
     let mut inflight = st.inflight.lock().unwrap_or_else(|e| e.into_inner());
     let problem = match inflight.get(&claim_key) {
@@ -697,8 +700,7 @@ fn claim<'a, S: Store>(
         .retry_after(1),
         Some(_) => key_reused(),
     };
-    drop(inflight);
-    Err(seen.problem(st, env, problem))
+    Err(problem)
 }
 
 fn key_reused() -> Problem {

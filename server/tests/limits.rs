@@ -22,16 +22,35 @@ async fn raw_status(server: &Server, request: &[u8]) -> u16 {
         .expect("read");
     let text = String::from_utf8_lossy(&answer);
     assert!(text.contains("application/problem+json"), "{text}");
-    text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {text}"))
+    text.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text}"))
 }
 
 async fn assert_problem(response: reqwest::Response, status: u16, what: &str) -> Value {
     assert_eq!(response.status().as_u16(), status, "{what}");
-    assert_eq!(response.headers()["content-type"], "application/problem+json", "{what}");
-    let body: Value = response.json().await.unwrap_or_else(|e| panic!("{what}: body is not JSON: {e}"));
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json",
+        "{what}"
+    );
+    let body: Value = response
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("{what}: body is not JSON: {e}"));
     assert_eq!(body["status"], status, "{what}");
-    assert!(body["type"].as_str().unwrap().starts_with("https://outbox.dev/problems/"), "{what}");
-    assert!(body["title"].is_string() && body["detail"].is_string(), "{what}: {body}");
+    assert!(
+        body["type"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://outbox.dev/problems/"),
+        "{what}"
+    );
+    assert!(
+        body["title"].is_string() && body["detail"].is_string(),
+        "{what}: {body}"
+    );
     body
 }
 
@@ -42,16 +61,36 @@ async fn a_client_past_its_rate_gets_429_with_retry_after() {
     let server = Server::start(&["--rate", "0.01", "--burst", "3"]);
     let client = uuid();
     for seq in 1..=3 {
-        server.ops_ok(&envelope(&client, vec![op(seq, 0, Some(&format!("e{seq}")), json!({}))])).await;
+        server
+            .ops_ok(&envelope(
+                &client,
+                vec![op(seq, 0, Some(&format!("e{seq}")), json!({}))],
+            ))
+            .await;
     }
-    let over = server.ops(TOKEN, &envelope(&client, vec![op(4, 0, Some("e4"), json!({}))])).await.unwrap();
-    let retry_after: u64 = over.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let over = server
+        .ops(
+            TOKEN,
+            &envelope(&client, vec![op(4, 0, Some("e4"), json!({}))]),
+        )
+        .await
+        .unwrap();
+    let retry_after: u64 = over.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(retry_after >= 1);
     let body = assert_problem(over, 429, "rate limit").await;
     assert_eq!(body["type"], "https://outbox.dev/problems/rate-limited");
-    assert!(server.entity(TOKEN, "e4").await.is_none(), "nothing applied");
+    assert!(
+        server.entity(TOKEN, "e4").await.is_none(),
+        "nothing applied"
+    );
     // The bucket is per client.
-    server.ops_ok(&envelope(&uuid(), vec![op(1, 0, Some("e5"), json!({}))])).await;
+    server
+        .ops_ok(&envelope(&uuid(), vec![op(1, 0, Some("e5"), json!({}))]))
+        .await;
     let log = server.log("test").await;
     let limited = log.iter().find(|e| e["entity"] == "e4").expect("logged");
     assert_eq!(limited["http"], 429);
@@ -62,7 +101,10 @@ async fn a_client_past_its_rate_gets_429_with_retry_after() {
 async fn a_body_past_the_limit_gets_413_by_length_or_while_streaming() {
     let server = Server::start(&["--max-body", "1024"]);
     let client = uuid();
-    let big = envelope(&client, vec![op(1, 0, Some("a"), json!({"pad": "x".repeat(2000)}))]);
+    let big = envelope(
+        &client,
+        vec![op(1, 0, Some("a"), json!({"pad": "x".repeat(2000)}))],
+    );
     let response = server.ops(TOKEN, &big).await.unwrap();
     let body = assert_problem(response, 413, "content-length").await;
     assert_eq!(body["type"], "https://outbox.dev/problems/too-large");
@@ -84,7 +126,12 @@ async fn a_body_past_the_limit_gets_413_by_length_or_while_streaming() {
 
     // A body under the limit still goes through, and nothing of the big one was applied.
     assert!(server.entity(TOKEN, "a").await.is_none());
-    server.ops_ok(&envelope(&client, vec![op(1, 0, Some("a"), json!({"small": 1}))])).await;
+    server
+        .ops_ok(&envelope(
+            &client,
+            vec![op(1, 0, Some("a"), json!({"small": 1}))],
+        ))
+        .await;
 }
 
 #[tokio::test]
@@ -110,28 +157,78 @@ async fn malformed_requests_get_a_4xx_problem_and_the_server_stays_healthy() {
         ("JSON string", "\"ops\"".into(), 400),
         ("nested 100000 deep", deep, 400),
         ("client missing", json!({"ops": [good()]}).to_string(), 400),
-        ("client not a UUID", envelope("c-1", vec![good()]).to_string(), 400),
-        ("client in upper case", envelope(&client.to_uppercase(), vec![good()]).to_string(), 400),
+        (
+            "client not a UUID",
+            envelope("c-1", vec![good()]).to_string(),
+            400,
+        ),
+        (
+            "client in upper case",
+            envelope(&client.to_uppercase(), vec![good()]).to_string(),
+            400,
+        ),
         ("ops missing", json!({"client": client}).to_string(), 400),
-        ("ops an object", json!({"client": client, "ops": {}}).to_string(), 400),
+        (
+            "ops an object",
+            json!({"client": client, "ops": {}}).to_string(),
+            400,
+        ),
         ("ops empty", envelope(&client, vec![]).to_string(), 400),
-        ("501 ops", envelope(&client, (0..501).map(|_| good()).collect()).to_string(), 400),
-        ("op a number", json!({"client": client, "ops": [7]}).to_string(), 400),
+        (
+            "501 ops",
+            envelope(&client, (0..501).map(|_| good()).collect()).to_string(),
+            400,
+        ),
+        (
+            "op a number",
+            json!({"client": client, "ops": [7]}).to_string(),
+            400,
+        ),
         ("id missing", without("id"), 400),
         ("id not a UUID", with("id", json!("op-1")), 400),
         ("seq a string", with("seq", json!("1")), 400),
         ("seq a fraction", with("seq", json!(1.5)), 400),
-        ("seq past f64", envelope(&client, vec![]).to_string().replace("[]", &format!("[{}]", good().to_string().replace("\"seq\":1", "\"seq\":1e400"))), 400),
+        (
+            "seq past f64",
+            envelope(&client, vec![]).to_string().replace(
+                "[]",
+                &format!(
+                    "[{}]",
+                    good().to_string().replace("\"seq\":1", "\"seq\":1e400")
+                ),
+            ),
+            400,
+        ),
         ("prev missing", without("prev"), 400),
         ("entity a number", with("entity", json!(17)), 400),
         ("entity missing", without("entity"), 400),
-        ("entity 257 characters", with("entity", json!("e".repeat(257))), 400),
+        (
+            "entity 257 characters",
+            with("entity", json!("e".repeat(257))),
+            400,
+        ),
         ("kind missing", without("kind"), 400),
-        ("kind 65 characters", with("kind", json!("k".repeat(65))), 400),
+        (
+            "kind 65 characters",
+            with("kind", json!("k".repeat(65))),
+            400,
+        ),
         ("payload missing", without("payload"), 400),
-        ("created_at a string", with("created_at", json!("yesterday")), 400),
-        ("base_version a string", with("base_version", json!("6")), 400),
-        ("access_token a number", json!({"client": client, "ops": [good()], "access_token": 1}).to_string(), 400),
+        (
+            "created_at a string",
+            with("created_at", json!("yesterday")),
+            400,
+        ),
+        (
+            "base_version a string",
+            with("base_version", json!("6")),
+            400,
+        ),
+        (
+            "access_token a number",
+            json!({"client": client, "ops": [good()], "access_token": 1}).to_string(),
+            400,
+        ),
     ];
     assert!(cases.len() >= 15);
     for (what, body, status) in &cases {
@@ -145,23 +242,74 @@ async fn malformed_requests_get_a_4xx_problem_and_the_server_stays_healthy() {
             .await
             .unwrap_or_else(|e| panic!("{what}: {e}"));
         let problem = assert_problem(response, *status, what).await;
-        assert_eq!(problem["type"], "https://outbox.dev/problems/malformed", "{what}");
+        assert_eq!(
+            problem["type"], "https://outbox.dev/problems/malformed",
+            "{what}"
+        );
     }
 
     // Bytes that are not UTF-8.
-    let response = server.http.post(server.at("/v1/ops")).bearer_auth(TOKEN).body(vec![b'{', 0xff, 0xfe, b'}']).send().await.unwrap();
+    let response = server
+        .http
+        .post(server.at("/v1/ops"))
+        .bearer_auth(TOKEN)
+        .body(vec![b'{', 0xff, 0xfe, b'}'])
+        .send()
+        .await
+        .unwrap();
     assert_problem(response, 400, "invalid UTF-8").await;
     // The keyed route: two ops, and a broken key.
     let two = envelope(&client, vec![good(), op(2, 1, Some("a"), json!({}))]);
-    assert_problem(server.op(TOKEN, Some("k"), &two).await.unwrap(), 400, "two ops on /v1/op").await;
+    assert_problem(
+        server.op(TOKEN, Some("k"), &two).await.unwrap(),
+        400,
+        "two ops on /v1/op",
+    )
+    .await;
     let one = envelope(&client, vec![good()]);
-    assert_problem(server.op(TOKEN, Some("\"unterminated"), &one).await.unwrap(), 400, "bad key").await;
+    assert_problem(
+        server
+            .op(TOKEN, Some("\"unterminated"), &one)
+            .await
+            .unwrap(),
+        400,
+        "bad key",
+    )
+    .await;
     // Routing and admin input.
-    assert_problem(server.http.get(server.at("/v1/ops")).send().await.unwrap(), 405, "GET /v1/ops").await;
-    assert_problem(server.http.get(server.at("/v2/nothing")).send().await.unwrap(), 404, "no route").await;
-    let bad_rule = server.http.post(server.at("/v1/admin/faults")).bearer_auth(ADMIN).json(&json!({"rules": [{"route": "ops", "action": {"status": 200}}]})).send().await.unwrap();
+    assert_problem(
+        server.http.get(server.at("/v1/ops")).send().await.unwrap(),
+        405,
+        "GET /v1/ops",
+    )
+    .await;
+    assert_problem(
+        server
+            .http
+            .get(server.at("/v2/nothing"))
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "no route",
+    )
+    .await;
+    let bad_rule = server
+        .http
+        .post(server.at("/v1/admin/faults"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"rules": [{"route": "ops", "action": {"status": 200}}]}))
+        .send()
+        .await
+        .unwrap();
     assert_problem(bad_rule, 400, "a fault rule with status 200").await;
-    let bad_log = server.http.get(server.at("/v1/admin/log")).bearer_auth(ADMIN).send().await.unwrap();
+    let bad_log = server
+        .http
+        .get(server.at("/v1/admin/log"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
     assert_problem(bad_log, 400, "admin log without tenant").await;
 
     assert!(server.healthy().await, "still healthy");
@@ -173,10 +321,23 @@ async fn malformed_requests_get_a_4xx_problem_and_the_server_stays_healthy() {
 #[tokio::test]
 async fn health_answers_get_and_head_without_auth() {
     let server = Server::start(&[]);
-    let response = server.http.get(server.at("/v1/health")).send().await.unwrap();
+    let response = server
+        .http
+        .get(server.at("/v1/health"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(response.json::<Value>().await.unwrap(), json!({"status": "ok"}));
-    let response = server.http.head(server.at("/v1/health")).send().await.unwrap();
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"status": "ok"})
+    );
+    let response = server
+        .http
+        .head(server.at("/v1/health"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
 }
 
@@ -184,11 +345,29 @@ async fn health_answers_get_and_head_without_auth() {
 async fn metrics_count_requests_results_and_faults() {
     let server = Server::start(&[]);
     let client = uuid();
-    server.ops_ok(&envelope(&client, vec![op(1, 0, Some("a"), json!({}))])).await;
-    server.faults(json!([{"route": "ops", "times": 1, "action": {"status": 503}}])).await;
-    let response = server.ops(TOKEN, &envelope(&client, vec![op(2, 1, Some("a"), json!({}))])).await.unwrap();
+    server
+        .ops_ok(&envelope(&client, vec![op(1, 0, Some("a"), json!({}))]))
+        .await;
+    server
+        .faults(json!([{"route": "ops", "times": 1, "action": {"status": 503}}]))
+        .await;
+    let response = server
+        .ops(
+            TOKEN,
+            &envelope(&client, vec![op(2, 1, Some("a"), json!({}))]),
+        )
+        .await
+        .unwrap();
     assert_eq!(response.status(), 503);
-    let text = server.http.get(server.at("/metrics")).send().await.unwrap().text().await.unwrap();
+    let text = server
+        .http
+        .get(server.at("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for line in [
         "outbox_http_requests_total{route=\"/v1/ops\",status=\"200\"} 1",
         "outbox_http_requests_total{route=\"/v1/ops\",status=\"503\"} 1",
@@ -209,24 +388,47 @@ async fn cors_preflight_allows_authorization_json_and_idempotency_key() {
         .request(reqwest::Method::OPTIONS, server.at("/v1/op"))
         .header("Origin", origin)
         .header("Access-Control-Request-Method", "POST")
-        .header("Access-Control-Request-Headers", "authorization,content-type,idempotency-key")
+        .header(
+            "Access-Control-Request-Headers",
+            "authorization,content-type,idempotency-key",
+        )
         .send()
         .await
         .unwrap();
     assert!(response.status().is_success());
     let headers = response.headers();
     assert_eq!(headers["access-control-allow-origin"], "*");
-    let allowed = headers["access-control-allow-headers"].to_str().unwrap().to_lowercase();
+    let allowed = headers["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_lowercase();
     for h in ["authorization", "content-type", "idempotency-key"] {
         assert!(allowed.contains(h), "{allowed}");
     }
-    assert!(headers["access-control-allow-methods"].to_str().unwrap().contains("POST"));
+    assert!(
+        headers["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("POST")
+    );
 
     // Actual answers, errors included, carry the CORS headers and expose Retry-After.
-    let response = server.http.post(server.at("/v1/ops")).header("Origin", origin).send().await.unwrap();
+    let response = server
+        .http
+        .post(server.at("/v1/ops"))
+        .header("Origin", origin)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 401);
     assert_eq!(response.headers()["access-control-allow-origin"], "*");
-    assert!(response.headers()["access-control-expose-headers"].to_str().unwrap().to_lowercase().contains("retry-after"));
+    assert!(
+        response.headers()["access-control-expose-headers"]
+            .to_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("retry-after")
+    );
 }
 
 #[tokio::test]
@@ -241,7 +443,10 @@ async fn cors_names_only_the_listed_origins() {
             .send()
     };
     let listed = ask("http://127.0.0.1:9").await.unwrap();
-    assert_eq!(listed.headers()["access-control-allow-origin"], "http://127.0.0.1:9");
+    assert_eq!(
+        listed.headers()["access-control-allow-origin"],
+        "http://127.0.0.1:9"
+    );
     let other = ask("http://evil.example").await.unwrap();
     assert!(other.headers().get("access-control-allow-origin").is_none());
 }
@@ -249,11 +454,28 @@ async fn cors_names_only_the_listed_origins() {
 #[tokio::test]
 async fn admin_endpoints_need_the_admin_token_and_exist_only_when_enabled() {
     let server = Server::start(&[]);
-    let response = server.http.get(server.at("/v1/admin/log?tenant=test")).bearer_auth(TOKEN).send().await.unwrap();
+    let response = server
+        .http
+        .get(server.at("/v1/admin/log?tenant=test"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
     assert_problem(response, 401, "a tenant token on admin").await;
-    let response = server.http.delete(server.at("/v1/admin/faults")).send().await.unwrap();
+    let response = server
+        .http
+        .delete(server.at("/v1/admin/faults"))
+        .send()
+        .await
+        .unwrap();
     assert_problem(response, 401, "no token on admin").await;
-    let response = server.http.delete(server.at("/v1/admin/faults")).bearer_auth(ADMIN).send().await.unwrap();
+    let response = server
+        .http
+        .delete(server.at("/v1/admin/faults"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 204);
 
     // Without --admin-token the routes do not exist.
@@ -267,9 +489,19 @@ async fn admin_endpoints_need_the_admin_token_and_exist_only_when_enabled() {
         .unwrap();
     let _kill = KillOnDrop(&mut child);
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(_kill.0.stdout.as_mut().unwrap()), &mut line).unwrap();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(_kill.0.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
     let url = line.trim().trim_start_matches("listening on ");
-    let response = server.http.get(format!("{url}/v1/admin/log?tenant=test")).bearer_auth(ADMIN).send().await.unwrap();
+    let response = server
+        .http
+        .get(format!("{url}/v1/admin/log?tenant=test"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
     assert_problem(response, 404, "admin off").await;
 }
 
@@ -284,13 +516,29 @@ impl Drop for KillOnDrop<'_> {
 
 #[tokio::test]
 async fn help_lists_every_flag() {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-server")).arg("--help").output().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-server"))
+        .arg("--help")
+        .output()
+        .unwrap();
     assert!(output.status.success());
     let help = String::from_utf8_lossy(&output.stdout);
     for flag in [
-        "--listen", "--db", "--token", "--retention", "--rate", "--burst", "--max-body", "--cors-origin",
-        "--admin-token", "--fault-seed", "--fault-5xx", "--fault-429", "--fault-delay", "--fault-delay-ms",
-        "--fault-reset", "--fault-drop-after-commit",
+        "--listen",
+        "--db",
+        "--token",
+        "--retention",
+        "--rate",
+        "--burst",
+        "--max-body",
+        "--cors-origin",
+        "--admin-token",
+        "--fault-seed",
+        "--fault-5xx",
+        "--fault-429",
+        "--fault-delay",
+        "--fault-delay-ms",
+        "--fault-reset",
+        "--fault-drop-after-commit",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
