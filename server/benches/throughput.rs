@@ -28,7 +28,16 @@ impl Drop for Server {
 
 fn start(db: &std::path::Path, sync: &str) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_outbox-server"))
-        .args(["--listen", "127.0.0.1:0", "--token", "bench=secret", "--rate", "0", "--sync", sync])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--token",
+            "bench=secret",
+            "--rate",
+            "0",
+            "--sync",
+            sync,
+        ])
         .arg("--db")
         .arg(db)
         .env("RUST_LOG", "warn")
@@ -37,8 +46,14 @@ fn start(db: &std::path::Path, sync: &str) -> Server {
         .spawn()
         .expect("spawn outbox-server");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
-    let url = line.trim().strip_prefix("listening on ").expect("listening line").to_owned();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("listening line")
+        .to_owned();
     Server(child, url)
 }
 
@@ -53,7 +68,10 @@ struct Run {
 }
 
 async fn run(url: &str, batch: usize, budget_ops: usize, budget: Duration) -> Run {
-    let http = reqwest::Client::builder().no_proxy().build().expect("client");
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
     let per_client = budget_ops / CLIENTS / batch;
     // Serialise every body before the clock starts.
     let bodies: Vec<Vec<Vec<u8>>> = (0..CLIENTS as u64)
@@ -119,7 +137,11 @@ async fn run(url: &str, batch: usize, budget_ops: usize, budget: Duration) -> Ru
     }
     let seconds = start.elapsed().as_secs_f64();
     stopper.abort();
-    Run { applied: applied.load(Ordering::Relaxed), requests: requests.load(Ordering::Relaxed), seconds }
+    Run {
+        applied: applied.load(Ordering::Relaxed),
+        requests: requests.load(Ordering::Relaxed),
+        seconds,
+    }
 }
 
 fn main() {
@@ -129,20 +151,36 @@ fn main() {
         println!("throughput: run it with `cargo bench -p outbox-server --bench throughput`");
         return;
     }
-    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     let modes: Vec<String> = match value("--sync") {
         Some(mode) => vec![mode],
         None => vec!["full".into(), "normal".into()],
     };
-    let seconds: u64 = value("--seconds").and_then(|s| s.parse().ok()).unwrap_or(10);
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let seconds: u64 = value("--seconds")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     println!("| sync | batch | applied ops | requests | seconds | ops/s | requests/s |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for mode in &modes {
         for (batch, budget_ops) in [(1usize, 40_000usize), (10, 200_000), (100, 400_000)] {
             let dir = tempfile::tempdir().expect("temp dir");
             let server = start(&dir.path().join("bench.db"), mode);
-            let r = runtime.block_on(run(&server.1, batch, budget_ops, Duration::from_secs(seconds)));
+            let r = runtime.block_on(run(
+                &server.1,
+                batch,
+                budget_ops,
+                Duration::from_secs(seconds),
+            ));
             drop(server);
             println!(
                 "| {mode} | {batch} | {} | {} | {:.2} | {:.0} | {:.0} |",

@@ -111,9 +111,16 @@ pub fn now_ms() -> i64 {
 }
 
 /// Builds the router with every route, the metrics middleware and CORS.
+///
+/// With `close_connections`, every answer (CORS preflights included) carries
+/// `Connection: close`, so that each request has a connection of its own. The server sets it
+/// while fault injection is possible: Chromium silently resends a request that fails on a
+/// reused keep-alive connection before any answer arrives (measured here), which would hide a
+/// dropped connection from the client and turn `reset_before_commit` into a normal apply.
 pub fn router<S: Store>(
     state: Arc<AppState<S>>,
     cors_origins: &[String],
+    close_connections: bool,
 ) -> Result<Router, String> {
     let mut router = Router::new()
         .route("/v1/ops", post(ops::<S>))
@@ -141,6 +148,9 @@ pub fn router<S: Store>(
     if !cors_origins.is_empty() {
         router = router.layer(cors(cors_origins)?);
     }
+    if close_connections {
+        router = router.layer(middleware::map_response(close_connection));
+    }
     Ok(router)
 }
 
@@ -166,6 +176,13 @@ fn cors(origins: &[String]) -> Result<CorsLayer, String> {
         ])
         .expose_headers([header::RETRY_AFTER])
         .max_age(Duration::from_secs(600)))
+}
+
+async fn close_connection(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// Marks a response whose connection is dropped on purpose.

@@ -34,7 +34,8 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     }
     let store = SqliteStore::open(&config.db, config.sync)?;
     let state = Arc::new(AppState::new(&config, store));
-    let app = app::router(state.clone(), &config.cors_origins)?;
+    let close_connections = config.admin_token.is_some() || config.seeded_faults();
+    let app = app::router(state.clone(), &config.cors_origins, close_connections)?;
     tokio::spawn(purge_loop(state, config.retention));
 
     let listener = TcpListener::bind(config.listen).await?;

@@ -503,6 +503,45 @@ async fn admin_endpoints_need_the_admin_token_and_exist_only_when_enabled() {
         .await
         .unwrap();
     assert_problem(response, 404, "admin off").await;
+    // Without fault injection connections are kept alive.
+    let response = server
+        .http
+        .get(format!("{url}/v1/health"))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.headers().get("connection").is_none());
+}
+
+#[tokio::test]
+async fn every_answer_closes_its_connection_while_faults_are_possible() {
+    // Browsers silently resend a request that fails on a reused connection, which would hide
+    // injected drops; one connection per request prevents that.
+    let server = Server::start(&["--cors-origin", "*"]);
+    let health = server
+        .http
+        .get(server.at("/v1/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.headers()["connection"], "close");
+    let preflight = server
+        .http
+        .request(reqwest::Method::OPTIONS, server.at("/v1/ops"))
+        .header("Origin", "http://127.0.0.1:9")
+        .header("Access-Control-Request-Method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.headers()["connection"], "close");
+    let ops = server
+        .ops(
+            TOKEN,
+            &envelope(&uuid(), vec![op(1, 0, Some("a"), json!({}))]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ops.headers()["connection"], "close");
 }
 
 struct KillOnDrop<'a>(&'a mut std::process::Child);
