@@ -136,6 +136,10 @@ pub struct Drainer {
     next_due: Option<Millis>,
     actions: VecDeque<Action>,
     next_request: u64,
+    /// The first request sent with the credentials of the last [`Input::AuthRenewed`]: a `401`
+    /// for an earlier request refused credentials that are already replaced, and must not pause
+    /// the queue again.
+    auth_from: u64,
     /// The latest `now` seen.
     now: Millis,
     started: bool,
@@ -160,6 +164,7 @@ impl Drainer {
             next_due: None,
             actions: VecDeque::new(),
             next_request: 0,
+            auth_from: 0,
             now: 0,
             started: false,
             quiet: false,
@@ -246,7 +251,7 @@ impl Drainer {
             }
             Input::Reply { request, reply } => {
                 if let Some(ops) = self.in_flight.remove(&request) {
-                    self.settle(now, ops, &reply);
+                    self.settle(now, request, ops, &reply);
                 }
             }
             Input::ProbeResult { healthy } => {
@@ -258,6 +263,7 @@ impl Drainer {
                 }
             }
             Input::AuthRenewed => {
+                self.auth_from = self.next_request;
                 if self.paused {
                     self.paused = false;
                     self.actions
@@ -424,7 +430,7 @@ impl Drainer {
         }));
     }
 
-    fn settle(&mut self, now: Millis, ops: Vec<Op>, reply: &Reply) {
+    fn settle(&mut self, now: Millis, request: RequestId, ops: Vec<Op>, reply: &Reply) {
         for op in &ops {
             if let Some(entity) = &op.entity {
                 self.busy.remove(entity);
@@ -480,10 +486,18 @@ impl Drainer {
                     &mut writes,
                     &mut events,
                 ),
+                Verdict::Ambiguous { reason } => self.finish_dead(
+                    op,
+                    reason,
+                    Some(422),
+                    DeadCause::Ambiguous,
+                    &mut writes,
+                    &mut events,
+                ),
                 Verdict::Pause => {
                     op.last_error = Some("credentials refused (HTTP 401)".into());
                     self.retry_now(now, op, &mut writes);
-                    if !self.paused {
+                    if !self.paused && request.0 >= self.auth_from {
                         self.paused = true;
                         writes.push(Write::Paused(true));
                         events.push(Event::AuthRequired);
@@ -494,6 +508,11 @@ impl Drainer {
                     self.retry_now(now, op, &mut writes);
                 }
             }
+        }
+        if self.in_flight.is_empty() && self.window.is_empty() && !self.quiet {
+            // Only the store knows whether that was the last op: look, so `drained` is reported
+            // even when the last op had no entity (whose finish promotes nothing).
+            self.load_wanted = true;
         }
         match self.breaker.record(&self.config.breaker, now, healthy) {
             Some(change) => {

@@ -61,6 +61,12 @@ pub enum Verdict {
         /// The HTTP status, if the server answered.
         status: Option<u16>,
     },
+    /// The server has a final answer for this id that it will not show (`422 key-reused`): it
+    /// may have taken effect, so it must never be sent under a new id.
+    Ambiguous {
+        /// Why, for the caller.
+        reason: String,
+    },
     /// The credentials were refused: hold the whole queue until they are renewed.
     Pause,
     /// A multi-op request was refused as a whole: send each op alone to find the culprit.
@@ -144,6 +150,11 @@ pub fn classify(
             }
         }
         400..=499 if ops.len() > 1 => all(Verdict::Isolate),
+        422 if Problem::decode(body).type_name() == Some("key-reused") => all(Verdict::Ambiguous {
+            reason: "HTTP 422: the server holds an answer for this op id from an earlier copy \
+                     with another body, and it may have taken effect"
+                .into(),
+        }),
         400..=499 => {
             let problem = Problem::decode(body);
             let reason = match problem.explanation() {
@@ -176,9 +187,23 @@ fn retry(counts: bool, floor: Millis, error: String) -> Verdict {
 
 fn verdict_for_result(result: &OpResult) -> Verdict {
     match result.status {
+        // A replayed `applied` means an earlier copy (a lost ack, a beacon) took effect.
         ResultStatus::Applied => Verdict::Done {
             version: result.version,
-            duplicate: false,
+            duplicate: result.replayed,
+        },
+        // A stored `duplicate` was given to an earlier copy of this id that carried another `seq`,
+        // which arrived after a later op on its entity had taken effect (the client relinked past
+        // it when it became a dead letter). That copy never took effect, and no copy with this id
+        // ever will: reporting it delivered would lose the write. Only a retried dead letter, which
+        // keeps its id under a new `seq`, can meet it; its next retry gets a new id.
+        ResultStatus::Duplicate if result.replayed => Verdict::Dead {
+            reason:
+                "the server answered an earlier copy of this op id as a duplicate after a later \
+                     op on its entity took effect; it did not take effect, retry it to send it \
+                     under a new id"
+                    .into(),
+            status: None,
         },
         ResultStatus::Duplicate => Verdict::Done {
             version: result.version,
@@ -319,6 +344,11 @@ mod tests {
                 "{status}"
             );
         }
+        let reused = r#"{"type":"https://outbox.dev/problems/key-reused"}"#;
+        assert!(matches!(
+            one(422, None, reused).0,
+            Verdict::Ambiguous { .. }
+        ));
         let rejected = r#"{"type":"x/rejected","reason":"payload must be a JSON object"}"#;
         assert_eq!(
             one(422, None, rejected).0,
@@ -402,6 +432,33 @@ mod tests {
             c.verdicts
                 .iter()
                 .all(|v| matches!(v, Verdict::Retry { counts: true, .. }))
+        );
+    }
+
+    #[test]
+    fn replayed_applied_is_a_duplicate_and_replayed_duplicate_never_took_effect() {
+        let ops = [op(1), op(2), op(3)];
+        let body = format!(
+            r#"{{"results":[{{"id":"{}","status":"applied","version":3,"replayed":true}},
+               {{"id":"{}","status":"duplicate","version":3,"replayed":true}},
+               {{"id":"{}","status":"duplicate","version":3}}]}}"#,
+            ops[0].id, ops[1].id, ops[2].id
+        );
+        let c = classify(SendMode::Batch, &ops, &http(200, None, &body), 0, 0);
+        assert_eq!(
+            c.verdicts[0],
+            Verdict::Done {
+                version: Some(3),
+                duplicate: true
+            }
+        );
+        assert!(matches!(c.verdicts[1], Verdict::Dead { status: None, .. }));
+        assert_eq!(
+            c.verdicts[2],
+            Verdict::Done {
+                version: Some(3),
+                duplicate: true
+            }
         );
     }
 

@@ -48,6 +48,11 @@ pub enum DeadCause {
     Exhausted,
     /// It was older than `max_age`.
     Expired,
+    /// The server holds a final answer for the op's id that it will not show: in single mode, an
+    /// earlier copy with another body (a retried dead letter keeps its id under a new `seq`)
+    /// used the `Idempotency-Key` (`422 key-reused`). It may have taken effect, so it is never
+    /// sent under a new id; the user can discard it, or act again.
+    Ambiguous,
 }
 
 /// An op that delivery gave up on. It stays until the user retries or discards it.
