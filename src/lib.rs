@@ -6,3 +6,5 @@
 #![deny(missing_docs)]
 
 pub mod core;
+#[cfg(target_arch = "wasm32")]
+pub mod web;

@@ -49,7 +49,8 @@ impl Backoff {
     }
 }
 
-#[cfg(test)]
+// Property tests use proptest, which is a native-only dev-dependency.
+#[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests {
     use super::*;
     use crate::core::rng::Rng;

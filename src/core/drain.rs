@@ -140,6 +140,8 @@ pub struct Drainer {
     /// for an earlier request refused credentials that are already replaced, and must not pause
     /// the queue again.
     auth_from: u64,
+    /// Whether a probe is out, whose answer the drainer waits for.
+    probing: bool,
     /// The latest `now` seen.
     now: Millis,
     started: bool,
@@ -165,6 +167,7 @@ impl Drainer {
             actions: VecDeque::new(),
             next_request: 0,
             auth_from: 0,
+            probing: false,
             now: 0,
             started: false,
             quiet: false,
@@ -199,9 +202,13 @@ impl Drainer {
     /// Whether the drainer waits on nothing: no request in flight, no load asked for, no action
     /// left to take. Then only [`next_wake`](Self::next_wake) or a new input moves it.
     pub fn is_idle(&self) -> bool {
+        // A wanted load that a pause or an open breaker holds back waits for the next wake, not
+        // for an input: the drainer is idle all the same.
+        let blocked = self.paused || !self.breaker.is_closed();
         self.in_flight.is_empty()
             && !self.load_pending
-            && !self.load_wanted
+            && (!self.load_wanted || blocked)
+            && !self.probing
             && self.actions.is_empty()
     }
 
@@ -255,6 +262,7 @@ impl Drainer {
                 }
             }
             Input::ProbeResult { healthy } => {
+                self.probing = false;
                 if let Some(change) = self
                     .breaker
                     .probe_result(&self.config.breaker, now, healthy)
@@ -316,6 +324,7 @@ impl Drainer {
             return;
         }
         if self.breaker.take_probe(now) {
+            self.probing = true;
             self.actions.push_back(Action::Probe);
             return;
         }

@@ -128,7 +128,8 @@ pub fn format_http_date(at: Millis) -> String {
     )
 }
 
-#[cfg(test)]
+// Property tests use proptest, which is a native-only dev-dependency.
+#[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -1,0 +1,58 @@
+# outbox: the two commands of the README, and their parts.
+#
+#   make demo   set up, build, and run the demo extension against the reference server
+#   make test   set up, build, and run every test
+#
+# Every target sets up what is missing first (scripts/setup is idempotent and quick when
+# everything is present).
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+export PATH := $(CURDIR)/node_modules/.bin:$(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: demo test setup build wasm server native wasm-test e2e lint size bench clean
+
+demo: build
+	scripts/demo
+
+test: build
+	$(MAKE) --no-print-directory lint native wasm-test e2e size
+
+setup:
+	scripts/setup
+
+build: setup wasm server
+
+wasm:
+	scripts/build-wasm
+
+server:
+	cargo build --release --quiet -p outbox-server
+
+# The core (unit, model and scenario tests) and the server's integration tests.
+native:
+	cargo test --workspace --quiet
+
+# The shared wasm test bodies in Chromium and Firefox, in a window, a service worker and a
+# dedicated worker, against the real server.
+wasm-test:
+	scripts/test-wasm
+
+# The built extension in headless Chromium (and a Firefox smoke run).
+e2e:
+	scripts/e2e
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --quiet -- -D warnings
+	cargo clippy --all-targets --target wasm32-unknown-unknown --quiet -- -D warnings
+
+size:
+	scripts/size-check
+
+bench: build
+	scripts/bench
+
+clean:
+	cargo clean
+	rm -rf extension/pkg node_modules

@@ -1,0 +1,570 @@
+//! The JavaScript API: the `Outbox` class.
+
+use std::rc::Rc;
+
+use js_sys::{Function, Object, Promise, Reflect};
+use wasm_bindgen::JsCast;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::future_to_promise;
+
+use super::error::{Error, Result, js_error};
+use super::idb::Durability;
+use super::platform::{now, random_id};
+use super::schema;
+use super::session::Shared;
+use super::store::Store;
+use super::transport::Transport;
+use super::views::{ConflictView, DeadLetterView, OpView, ReceiptView, to_js};
+use crate::core::store::{self as queue, QueueTxn};
+use crate::core::{Breaker, Config, Draft, Event, OpId, Priority, Refusal, Resolution, WakeReason};
+
+#[wasm_bindgen(typescript_custom_section)]
+const TYPES: &str = r#"
+/** Options of `Outbox.open`. Every field but `endpoint` is optional. */
+export interface OutboxConfig {
+  /** The backend's base URL, such as `https://api.example.com` (no trailing slash needed). */
+  endpoint: string;
+  /** The IndexedDB database name. Default `"outbox"`. */
+  database?: string;
+  /** Returns the headers (credentials) for each request. Called at send time; never stored. */
+  auth?: () => Record<string, string> | null | Promise<Record<string, string> | null>;
+  /** Called with the time of the next wake-up (ms since epoch), or null for none; map it to chrome.alarms. */
+  schedule?: (atMs: number | null) => void;
+  backoff?: { baseMs?: number; factor?: number; capMs?: number };
+  user?: { maxAttempts: number; maxAgeMs: number };
+  background?: { maxAttempts: number; maxAgeMs: number };
+  maxRetryAfterMs?: number;
+  requestTimeoutMs?: number;
+  maxInFlight?: number;
+  batch?: { maxOps?: number; maxBytes?: number; mode?: "batch" | "single" };
+  limits?: { maxPending?: number; maxBytes?: number; maxOpBytes?: number };
+  breaker?: { window?: number; minCalls?: number; failureRate?: number; openMs?: number; maxOpenMs?: number };
+  defaultConflict?: ConflictPolicy;
+  kinds?: Record<string, { conflict: ConflictPolicy; coalesce?: boolean }>;
+}
+export type ConflictPolicy = "server-wins" | "client-wins" | "manual";
+/** What to enqueue. */
+export interface EnqueueRequest {
+  /** What the op changes; ops on one entity are delivered in order. Omit for unordered. */
+  entity?: string | null;
+  kind: string;
+  /** Any JSON-serialisable value. */
+  payload: unknown;
+  /** The entity version the user acted on; the server reports a conflict if it moved. */
+  baseVersion?: number;
+  priority?: "user" | "background";
+}
+export interface Receipt { id: string; seq: number; replaced: string | null }
+export interface QueuedOp {
+  id: string; seq: number; prev: number; entity: string | null; kind: string; payload: unknown;
+  baseVersion: number | null; priority: "user" | "background"; createdAt: number;
+  attempts: number; failures: number; nextAttemptAt: number | null; lastError: string | null;
+}
+export interface DeadLetter { op: QueuedOp; reason: string; status: number | null; cause: "rejected" | "exhausted" | "expired"; at: number }
+export interface Conflict { op: QueuedOp; serverVersion: number | null; serverState: unknown; at: number }
+export interface Stats {
+  client: string; pending: number; bytes: number; deadLetters: number; conflicts: number;
+  nextAttemptAt: number | null; paused: boolean; draining: boolean; inFlight: number;
+  breaker: { state: "closed" | "open" | "half-open"; until?: number };
+}
+export type OutboxEventName = "delivered" | "retry-scheduled" | "dead-lettered" | "conflict" | "auth-required"
+  | "breaker-opened" | "breaker-closed" | "queue-full" | "drained" | "error";
+export type WakeReason = "start" | "timer" | "alarm" | "online" | "sync" | "message" | "enqueued" | "flush" | "auth";
+"#;
+
+/// A durable outbox of user actions, delivered to a backend exactly once in effect.
+#[wasm_bindgen]
+pub struct Outbox {
+    shared: Rc<Shared>,
+}
+
+fn promise<T: Into<JsValue>>(work: impl Future<Output = Result<T>> + 'static) -> Promise {
+    future_to_promise(async move { work.await.map(Into::into).map_err(Into::into) })
+}
+
+#[wasm_bindgen]
+impl Outbox {
+    /// Opens (creating or upgrading) the outbox database and starts delivering what is due.
+    #[wasm_bindgen(unchecked_return_type = "Promise<Outbox>")]
+    pub fn open(#[wasm_bindgen(unchecked_param_type = "OutboxConfig")] config: JsValue) -> Promise {
+        install_panic_hook();
+        future_to_promise(async move {
+            let outbox = open(config).await?;
+            Ok(outbox.into())
+        })
+    }
+
+    /// Queues an op. Resolves with its receipt once it is on disk (a strict IndexedDB
+    /// transaction has completed), then delivery starts.
+    #[wasm_bindgen(unchecked_return_type = "Promise<Receipt>")]
+    pub fn enqueue(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "EnqueueRequest")] request: JsValue,
+    ) -> Promise {
+        let shared = self.shared.clone();
+        promise(async move {
+            shared.check_open()?;
+            let draft = parse_draft(&request)?;
+            let id = random_id()?;
+            let config = &shared.config;
+            let at = now();
+            let receipt = shared
+                .store
+                .write(Durability::Strict, async move |t| {
+                    queue::enqueue(t, config, draft, id, at).await
+                })
+                .await;
+            let receipt = match receipt {
+                Err(Error::Refused(Refusal::QueueFull { limit, max })) => {
+                    shared.emit(&Event::QueueFull {
+                        limit: limit.into(),
+                        max,
+                    });
+                    return Err(Refusal::QueueFull { limit, max }.into());
+                }
+                other => other?,
+            };
+            if let Some(drain) = shared.wake(WakeReason::Enqueued) {
+                wasm_bindgen_futures::spawn_local(drain);
+            }
+            to_js(&ReceiptView::from(&receipt))
+        })
+    }
+
+    /// Delivers everything due now and resolves when done (backing-off ops stay for later).
+    /// Also ends an open circuit breaker early. Resolves with the stats after.
+    #[wasm_bindgen(unchecked_return_type = "Promise<Stats>")]
+    pub fn flush(&self) -> Promise {
+        let shared = self.shared.clone();
+        promise(async move {
+            shared.clone().flush().await?;
+            stats(&shared).await
+        })
+    }
+
+    /// Tells the outbox that something happened (an alarm, `online`, a message, …). Resolves
+    /// when the delivery it started in this context, if any, is idle.
+    #[wasm_bindgen(unchecked_return_type = "Promise<void>")]
+    pub fn wake(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "WakeReason")] reason: String,
+    ) -> Promise {
+        let shared = self.shared.clone();
+        promise(async move {
+            shared.check_open()?;
+            let reason = match reason.as_str() {
+                "start" => WakeReason::Start,
+                "timer" => WakeReason::Timer,
+                "alarm" => WakeReason::Alarm,
+                "online" => WakeReason::Online,
+                "sync" => WakeReason::Sync,
+                "message" => WakeReason::Message,
+                "enqueued" => WakeReason::Enqueued,
+                "flush" => WakeReason::Flush,
+                "auth" => {
+                    shared.credentials_renewed();
+                    WakeReason::Message
+                }
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "unknown wake reason {other:?}"
+                    )));
+                }
+            };
+            if let Some(drain) = shared.wake(reason) {
+                drain.await;
+            }
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
+    /// Counts and states, for a status UI.
+    #[wasm_bindgen(unchecked_return_type = "Promise<Stats>")]
+    pub fn stats(&self) -> Promise {
+        let shared = self.shared.clone();
+        promise(async move { stats(&shared).await })
+    }
+
+    /// The pending ops, oldest first (at most `limit`, default 100).
+    #[wasm_bindgen(unchecked_return_type = "Promise<QueuedOp[]>")]
+    pub fn pending(&self, limit: Option<u32>) -> Promise {
+        let shared = self.shared.clone();
+        promise(async move {
+            shared.check_open()?;
+            let ops = shared
+                .store
+                .read(async |t| t.pending(limit.unwrap_or(100)).await)
+                .await?;
+            to_js(&ops.iter().map(OpView::from).collect::<Vec<_>>())
+        })
+    }
+
+    /// The ops delivery gave up on.
+    #[wasm_bindgen(js_name = deadLetters, unchecked_return_type = "Promise<DeadLetter[]>")]
+    pub fn dead_letters(&self) -> Promise {
+        let shared = self.shared.clone();
+        promise(async move {
+            shared.check_open()?;
+            let letters = shared.store.read(async |t| t.dead_letters().await).await?;
+            to_js(&letters.iter().map(DeadLetterView::from).collect::<Vec<_>>())
+        })
+    }
+
+    /// Queues a dead letter's op again (see the docs for when it keeps its id).
+    #[wasm_bindgen(js_name = retryDeadLetter, unchecked_return_type = "Promise<Receipt>")]
+    pub fn retry_dead_letter(&self, id: String) -> Promise {
+        let shared = self.shared.clone();
+        promise(async move {
+            shared.check_open()?;
+            let id = parse_id(&id)?;
+            let fresh = random_id()?;
+            let config = &shared.config;
+            let at = now();
+            let receipt = shared
+                .store
+                .write(Durability::Strict, async |t| {
+                    queue::retry_dead_letter(t, config, id, fresh, at).await
+                })
+                .await?;
+            if let Some(drain) = shared.wake(WakeReason::Enqueued) {
+                wasm_bindgen_futures::spawn_local(drain);
+            }
+            to_js(&ReceiptView::from(&receipt))
+        })
+    }
+
+    /// Removes a dead letter for good.
+    #[wasm_bindgen(js_name = discardDeadLetter, unchecked_return_type = "Promise<void>")]
+    pub fn discard_dead_letter(&self, id: String) -> Promise {
+        let shared = self.shared.clone();
+        promise(async move {
+            shared.check_open()?;
+            let id = parse_id(&id)?;
+            shared
+                .store
+                .write(Durability::Strict, async |t| {
+                    queue::discard_dead_letter(t, id).await
+                })
+                .await?;
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
+    /// The ops parked by the `manual` conflict policy, with the server's side.
+    #[wasm_bindgen(unchecked_return_type = "Promise<Conflict[]>")]
+    pub fn conflicts(&self) -> Promise {
+        let shared = self.shared.clone();
+        promise(async move {
+            shared.check_open()?;
+            let parked = shared.store.read(async |t| t.conflicts().await).await?;
+            to_js(&parked.iter().map(ConflictView::from).collect::<Vec<_>>())
+        })
+    }
+
+    /// Settles a parked conflict: `"keep-mine"` sends the op again against the server's
+    /// version (resolves with its receipt); `"take-theirs"` drops it (resolves with null).
+    #[wasm_bindgen(js_name = resolveConflict, unchecked_return_type = "Promise<Receipt | null>")]
+    pub fn resolve_conflict(
+        &self,
+        id: String,
+        #[wasm_bindgen(unchecked_param_type = "\"keep-mine\" | \"take-theirs\"")]
+        resolution: String,
+    ) -> Promise {
+        let shared = self.shared.clone();
+        promise(async move {
+            shared.check_open()?;
+            let id = parse_id(&id)?;
+            let resolution = match resolution.as_str() {
+                "keep-mine" => Resolution::KeepMine,
+                "take-theirs" => Resolution::TakeTheirs,
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "resolution must be \"keep-mine\" or \"take-theirs\", not {other:?}"
+                    )));
+                }
+            };
+            let fresh = random_id()?;
+            let config = &shared.config;
+            let at = now();
+            let receipt = shared
+                .store
+                .write(Durability::Strict, async |t| {
+                    queue::resolve_conflict(t, config, id, resolution, fresh, at).await
+                })
+                .await?;
+            match receipt {
+                Some(receipt) => {
+                    if let Some(drain) = shared.wake(WakeReason::Enqueued) {
+                        wasm_bindgen_futures::spawn_local(drain);
+                    }
+                    to_js(&ReceiptView::from(&receipt))
+                }
+                None => Ok(JsValue::NULL),
+            }
+        })
+    }
+
+    /// Calls `callback(event)` for each event named `name` (in any context of this outbox).
+    pub fn on(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "OutboxEventName")] name: String,
+        callback: Function,
+    ) -> Result<(), JsValue> {
+        check_event_name(&name)?;
+        self.shared.listeners.add(name, callback);
+        Ok(())
+    }
+
+    /// Removes a listener added with `on`.
+    pub fn off(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "OutboxEventName")] name: String,
+        callback: Function,
+    ) -> Result<(), JsValue> {
+        check_event_name(&name)?;
+        self.shared.listeners.remove(&name, &callback);
+        Ok(())
+    }
+
+    /// Stops delivery in this context and closes the database connection. Further calls fail
+    /// with `CLOSED`. Ops stay queued for the next `open`.
+    #[wasm_bindgen(unchecked_return_type = "Promise<void>")]
+    pub fn close(&self) -> Promise {
+        self.shared.close("close() was called");
+        Promise::resolve(&JsValue::UNDEFINED)
+    }
+}
+
+impl Outbox {
+    /// `Outbox.open` for Rust callers (the wasm tests): the same checks, a typed error.
+    pub async fn connect(config: JsValue) -> Result<Outbox> {
+        install_panic_hook();
+        open(config).await
+    }
+}
+
+async fn open(config: JsValue) -> Result<Outbox> {
+    let Some(object) = config.dyn_ref::<Object>().filter(|_| !config.is_function()) else {
+        return Err(Error::InvalidConfig(
+            "Outbox.open takes an options object".into(),
+        ));
+    };
+    // Split the shell's options from the core's; the core rejects unknown fields, which catches
+    // misspelled options.
+    let rest = Object::assign(&Object::new(), object);
+    let take = |name: &str| -> JsValue {
+        let value = Reflect::get(&rest, &name.into()).unwrap_or(JsValue::UNDEFINED);
+        let _ = Reflect::delete_property(&rest, &name.into());
+        value
+    };
+    let endpoint = take("endpoint")
+        .as_string()
+        .ok_or_else(|| Error::InvalidConfig("endpoint must be a URL string".into()))?;
+    let endpoint = parse_endpoint(&endpoint)?;
+    let database = match take("database") {
+        v if v.is_undefined() => "outbox".to_owned(),
+        v => v
+            .as_string()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| Error::InvalidConfig("database must be a non-empty string".into()))?,
+    };
+    let function = |name: &str, value: JsValue| -> Result<Option<Function>> {
+        if value.is_undefined() || value.is_null() {
+            return Ok(None);
+        }
+        value
+            .dyn_into::<Function>()
+            .map(Some)
+            .map_err(|_| Error::InvalidConfig(format!("{name} must be a function")))
+    };
+    let auth = function("auth", take("auth"))?;
+    let schedule = function("schedule", take("schedule"))?;
+    // Through JSON text rather than serde-wasm-bindgen, which reads only the fields it knows
+    // and so cannot report a misspelled one.
+    let config: Config = js_sys::JSON::stringify(&rest)
+        .ok()
+        .and_then(|text| text.as_string())
+        .ok_or_else(|| {
+            Error::InvalidConfig("options must be JSON-like besides auth and schedule".into())
+        })
+        .and_then(|text| {
+            serde_json::from_str(&text).map_err(|e| Error::InvalidConfig(e.to_string()))
+        })?;
+    config.validate().map_err(|e| Error::InvalidConfig(e.0))?;
+
+    let db = schema::open(&database).await?;
+    let store = Store::new(db.clone());
+    let client = store
+        .write(Durability::Strict, async |t| match t.client().await? {
+            Some(client) => Ok(client),
+            None => {
+                let client = random_id()?;
+                t.put_client(client)?;
+                Ok(client)
+            }
+        })
+        .await?;
+    let transport = Transport::new(endpoint, client, config.request_timeout_ms, auth);
+    let shared = Shared::new(database, store, config, transport, schedule);
+    // A newer version of the extension is upgrading the database: step aside, or it waits.
+    let weak = Rc::downgrade(&shared);
+    let on_version_change = Closure::<dyn Fn()>::new(move || {
+        if let Some(shared) = weak.upgrade() {
+            shared.close("the database was upgraded by a newer version; open it again");
+        }
+    });
+    db.set_onversionchange(Some(on_version_change.as_ref().unchecked_ref()));
+    on_version_change.forget();
+    if let Some(drain) = shared.wake(WakeReason::Start) {
+        wasm_bindgen_futures::spawn_local(drain);
+    }
+    Ok(Outbox { shared })
+}
+
+fn parse_endpoint(endpoint: &str) -> Result<String> {
+    let trimmed = endpoint.trim_end_matches('/');
+    let valid = (trimmed.starts_with("https://") || trimmed.starts_with("http://"))
+        && trimmed
+            .split("://")
+            .nth(1)
+            .is_some_and(|rest| !rest.is_empty())
+        && !trimmed.contains(char::is_whitespace);
+    if !valid {
+        return Err(Error::InvalidConfig(format!(
+            "endpoint must be an http(s) URL, not {endpoint:?}"
+        )));
+    }
+    Ok(trimmed.to_owned())
+}
+
+async fn stats(shared: &Shared) -> Result<JsValue> {
+    shared.check_open()?;
+    let (counters, (dead, parked), next, (breaker, paused), client) = shared
+        .store
+        .read(async |t| {
+            Ok((
+                t.counters().await?,
+                t.problem_counts().await?,
+                t.earliest_due().await?,
+                t.drainer_state().await?,
+                t.client().await?,
+            ))
+        })
+        .await?;
+    let breaker = match breaker {
+        Breaker::Closed { .. } => serde_json::json!({"state": "closed"}),
+        Breaker::Open { until, .. } => serde_json::json!({"state": "open", "until": until}),
+        Breaker::HalfOpen { .. } => serde_json::json!({"state": "half-open"}),
+    };
+    to_js(&serde_json::json!({
+        "client": client.map(|c| c.to_string()),
+        "pending": counters.pending,
+        "bytes": counters.bytes,
+        "deadLetters": dead,
+        "conflicts": parked,
+        "nextAttemptAt": next,
+        "paused": paused,
+        "draining": shared.is_draining(),
+        "inFlight": shared.in_flight(),
+        "breaker": breaker,
+    }))
+}
+
+fn parse_id(id: &str) -> Result<OpId> {
+    id.parse()
+        .map_err(|e: crate::core::op::BadOpId| Error::InvalidArgument(e.to_string()))
+}
+
+fn check_event_name(name: &str) -> Result<(), JsValue> {
+    if Event::NAMES.contains(&name) || name == "error" {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!("unknown event {name:?}")).into())
+    }
+}
+
+/// Reads `{entity?, kind, payload, baseVersion?, priority?}`, strictly: a misspelled field is an
+/// error, not a silently dropped option.
+fn parse_draft(request: &JsValue) -> Result<Draft> {
+    let invalid = |why: String| Error::InvalidOp(why);
+    let Some(object) = request
+        .dyn_ref::<Object>()
+        .filter(|_| !request.is_function() && !js_sys::Array::is_array(request))
+    else {
+        return Err(invalid(
+            "enqueue takes an object {entity?, kind, payload, baseVersion?, priority?}".into(),
+        ));
+    };
+    for key in Object::keys(object).iter() {
+        let key = key.as_string().unwrap_or_default();
+        if !["entity", "kind", "payload", "baseVersion", "priority"].contains(&key.as_str()) {
+            return Err(invalid(format!("unknown field {key:?}")));
+        }
+    }
+    let get = |name: &str| Reflect::get(object, &name.into()).unwrap_or(JsValue::UNDEFINED);
+    let entity = match get("entity") {
+        v if v.is_undefined() || v.is_null() => None,
+        v => Some(
+            v.as_string()
+                .ok_or_else(|| invalid("entity must be a string".into()))?,
+        ),
+    };
+    let kind = get("kind")
+        .as_string()
+        .ok_or_else(|| invalid("kind must be a string".into()))?;
+    let payload = get("payload");
+    if payload.is_undefined() {
+        return Err(invalid("payload is required (use null for none)".into()));
+    }
+    let payload = js_sys::JSON::stringify(&payload)
+        .map_err(|e| {
+            invalid(format!(
+                "payload is not JSON: {}",
+                super::error::JsError::from(e)
+            ))
+        })?
+        .as_string()
+        .ok_or_else(|| invalid("payload is not JSON (a function or symbol?)".into()))?;
+    let base_version = match get("baseVersion") {
+        v if v.is_undefined() || v.is_null() => None,
+        v => {
+            let n = v.as_f64().filter(|n| {
+                n.fract() == 0.0 && *n >= 0.0 && *n <= js_sys::Number::MAX_SAFE_INTEGER
+            });
+            Some(
+                n.ok_or_else(|| invalid("baseVersion must be a non-negative integer".into()))?
+                    as u64,
+            )
+        }
+    };
+    let priority = match get("priority").as_string().as_deref() {
+        None if get("priority").is_undefined() => Priority::User,
+        Some("user") => Priority::User,
+        Some("background") => Priority::Background,
+        _ => {
+            return Err(invalid(
+                "priority must be \"user\" or \"background\"".into(),
+            ));
+        }
+    };
+    Ok(Draft {
+        entity,
+        kind,
+        payload,
+        base_version,
+        priority,
+    })
+}
+
+fn install_panic_hook() {
+    use std::sync::Once;
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            // A panic is a bug; it is reported as an OutboxError like any other failure. With
+            // panic=abort the module stops after this, so the report is all that can be done.
+            let error = js_error("PANIC", &format!("outbox panicked: {info}"));
+            web_sys::console::error_1(&error);
+        }));
+    });
+}

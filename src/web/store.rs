@@ -1,0 +1,301 @@
+//! The queue in IndexedDB: [`QueueTxn`] over one transaction, and the reads the API needs.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use wasm_bindgen::JsCast;
+use wasm_bindgen::prelude::*;
+use web_sys::{
+    IdbCursorDirection, IdbCursorWithValue, IdbDatabase, IdbKeyRange, IdbObjectStore,
+    IdbTransactionMode,
+};
+
+use super::error::{Error, Result};
+use super::idb::{self, Durability, Txn};
+use super::schema::*;
+use crate::core::store::QueueTxn;
+use crate::core::{Breaker, Counters, DeadLetter, Millis, Op, OpId, ParkedConflict};
+
+/// Records cross into IndexedDB as plain objects with their Rust field names, which the index
+/// key paths name. `None` becomes `undefined`, which keeps the record out of that index.
+fn to_js<T: Serialize>(value: &T) -> Result<JsValue> {
+    Ok(serde_wasm_bindgen::to_value(value)?)
+}
+
+fn from_js<T: DeserializeOwned>(value: JsValue) -> Result<Option<T>> {
+    if value.is_undefined() || value.is_null() {
+        return Ok(None);
+    }
+    Ok(Some(serde_wasm_bindgen::from_value(value)?))
+}
+
+fn key(seq: u64) -> JsValue {
+    JsValue::from_f64(seq as f64)
+}
+
+/// A handle on one outbox database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: IdbDatabase,
+}
+
+impl Store {
+    /// Wraps an open connection (see [`schema::open`](super::schema::open)).
+    pub fn new(db: IdbDatabase) -> Self {
+        Store { db }
+    }
+
+    /// Closes the connection.
+    pub fn close(&self) {
+        self.db.close();
+    }
+
+    /// Runs `body` in one read-write transaction over every store and commits it. If `body`
+    /// fails, nothing it wrote is kept.
+    pub async fn write<R>(
+        &self,
+        durability: Durability,
+        body: impl AsyncFnOnce(&mut IdbTxn) -> Result<R>,
+    ) -> Result<R> {
+        let mut txn = IdbTxn::begin(&self.db, IdbTransactionMode::Readwrite, durability)?;
+        match body(&mut txn).await {
+            Ok(result) => {
+                txn.txn.commit().await?;
+                Ok(result)
+            }
+            Err(error) => {
+                txn.txn.abort();
+                Err(error)
+            }
+        }
+    }
+
+    /// Runs `body` in one read-only transaction.
+    pub async fn read<R>(&self, body: impl AsyncFnOnce(&mut IdbTxn) -> Result<R>) -> Result<R> {
+        let mut txn = IdbTxn::begin(&self.db, IdbTransactionMode::Readonly, Durability::Relaxed)?;
+        let result = body(&mut txn).await;
+        txn.txn.commit().await?;
+        result
+    }
+}
+
+/// One transaction over the outbox's stores.
+pub struct IdbTxn {
+    txn: Txn,
+    ops: IdbObjectStore,
+    dead_letters: IdbObjectStore,
+    conflicts: IdbObjectStore,
+    meta: IdbObjectStore,
+}
+
+impl IdbTxn {
+    fn begin(db: &IdbDatabase, mode: IdbTransactionMode, durability: Durability) -> Result<Self> {
+        let txn = Txn::begin(db, &ALL_STORES, mode, durability)?;
+        Ok(IdbTxn {
+            ops: txn.store(OPS)?,
+            dead_letters: txn.store(DEAD_LETTERS)?,
+            conflicts: txn.store(CONFLICTS)?,
+            meta: txn.store(META)?,
+            txn,
+        })
+    }
+
+    async fn get<T: DeserializeOwned>(store: &IdbObjectStore, key: &JsValue) -> Result<Option<T>> {
+        let request = store.get(key).map_err(Error::storage)?;
+        from_js(idb::wait(&request).await?)
+    }
+
+    /// Queues a put. Its failure aborts the transaction, which `commit` reports, so there is no
+    /// need to wait for it here; not waiting lets IndexedDB pipeline the writes.
+    fn put(store: &IdbObjectStore, value: &JsValue, key: Option<&str>) -> Result<()> {
+        match key {
+            Some(key) => store.put_with_key(value, &JsValue::from_str(key)),
+            None => store.put(value),
+        }
+        .map(drop)
+        .map_err(Error::storage)
+    }
+
+    fn delete(store: &IdbObjectStore, key: &JsValue) -> Result<()> {
+        store.delete(key).map(drop).map_err(Error::storage)
+    }
+
+    /// The client id, if one was stored.
+    pub async fn client(&mut self) -> Result<Option<OpId>> {
+        Self::get(&self.meta, &META_CLIENT.into()).await
+    }
+
+    /// Stores the client id.
+    pub fn put_client(&mut self, client: OpId) -> Result<()> {
+        Self::put(&self.meta, &to_js(&client)?, Some(META_CLIENT))
+    }
+
+    /// The persisted breaker and pause flag.
+    pub async fn drainer_state(&mut self) -> Result<(Breaker, bool)> {
+        let breaker = Self::get(&self.meta, &META_BREAKER.into()).await?;
+        let paused = Self::get(&self.meta, &META_PAUSED.into()).await?;
+        Ok((breaker.unwrap_or_default(), paused.unwrap_or(false)))
+    }
+
+    /// Up to `limit` pending ops, in `seq` order.
+    pub async fn pending(&mut self, limit: u32) -> Result<Vec<Op>> {
+        let request = self
+            .ops
+            .get_all_with_key_and_limit(&JsValue::UNDEFINED, limit)
+            .map_err(Error::storage)?;
+        all(idb::wait(&request).await?)
+    }
+
+    /// Every dead letter.
+    pub async fn dead_letters(&mut self) -> Result<Vec<DeadLetter>> {
+        let request = self.dead_letters.get_all().map_err(Error::storage)?;
+        all(idb::wait(&request).await?)
+    }
+
+    /// Every parked conflict.
+    pub async fn conflicts(&mut self) -> Result<Vec<ParkedConflict>> {
+        let request = self.conflicts.get_all().map_err(Error::storage)?;
+        all(idb::wait(&request).await?)
+    }
+
+    /// How many dead letters and parked conflicts there are.
+    pub async fn problem_counts(&mut self) -> Result<(u32, u32)> {
+        let dead = idb::wait(&self.dead_letters.count().map_err(Error::storage)?).await?;
+        let parked = idb::wait(&self.conflicts.count().map_err(Error::storage)?).await?;
+        Ok((
+            dead.as_f64().unwrap_or(0.0) as u32,
+            parked.as_f64().unwrap_or(0.0) as u32,
+        ))
+    }
+
+    /// The earliest `next_attempt_at` of any head op.
+    pub async fn earliest_due(&mut self) -> Result<Option<Millis>> {
+        let index = self.ops.index(BY_DUE).map_err(Error::storage)?;
+        let request = index.open_key_cursor().map_err(Error::storage)?;
+        let cursor = idb::wait(&request).await?;
+        if cursor.is_null() {
+            return Ok(None);
+        }
+        let cursor: web_sys::IdbCursor = cursor.unchecked_into();
+        Ok(cursor
+            .key()
+            .ok()
+            .and_then(|k| k.as_f64())
+            .map(|k| k as Millis))
+    }
+
+    fn entity_range(entity: &str, after: Option<u64>) -> Result<IdbKeyRange> {
+        let lower = js_sys::Array::of2(&entity.into(), &key(after.unwrap_or(0)));
+        let upper = js_sys::Array::of2(&entity.into(), &key(u64::MAX));
+        IdbKeyRange::bound_with_lower_open_and_upper_open(&lower, &upper, after.is_some(), false)
+            .map_err(Error::storage)
+    }
+}
+
+fn all<T: DeserializeOwned>(array: JsValue) -> Result<Vec<T>> {
+    let array: js_sys::Array = array.unchecked_into();
+    array
+        .iter()
+        .map(|value| Ok(serde_wasm_bindgen::from_value(value)?))
+        .collect()
+}
+
+impl QueueTxn for IdbTxn {
+    type Error = Error;
+
+    async fn get_op(&mut self, seq: u64) -> Result<Option<Op>> {
+        Self::get(&self.ops, &key(seq)).await
+    }
+
+    async fn put_op(&mut self, op: &Op) -> Result<()> {
+        Self::put(&self.ops, &to_js(op)?, None)
+    }
+
+    async fn delete_op(&mut self, seq: u64) -> Result<()> {
+        Self::delete(&self.ops, &key(seq))
+    }
+
+    async fn next_on_entity(&mut self, entity: &str, after: u64) -> Result<Option<Op>> {
+        let index = self.ops.index(BY_ENTITY).map_err(Error::storage)?;
+        let request = index
+            .get(&Self::entity_range(entity, Some(after))?.into())
+            .map_err(Error::storage)?;
+        from_js(idb::wait(&request).await?)
+    }
+
+    async fn last_on_entity(&mut self, entity: &str) -> Result<Option<Op>> {
+        let index = self.ops.index(BY_ENTITY).map_err(Error::storage)?;
+        let request = index
+            .open_cursor_with_range_and_direction(
+                &Self::entity_range(entity, None)?.into(),
+                IdbCursorDirection::Prev,
+            )
+            .map_err(Error::storage)?;
+        let cursor = idb::wait(&request).await?;
+        if cursor.is_null() {
+            return Ok(None);
+        }
+        let cursor: IdbCursorWithValue = cursor.unchecked_into();
+        from_js(cursor.value().map_err(Error::storage)?)
+    }
+
+    async fn due_heads(&mut self, now: Millis, limit: usize) -> Result<(Vec<Op>, Option<Millis>)> {
+        let index = self.ops.index(BY_DUE).map_err(Error::storage)?;
+        let due = IdbKeyRange::upper_bound(&key(now)).map_err(Error::storage)?;
+        // One more than asked, to learn whether the due ops go on past the limit.
+        let request = index
+            .get_all_with_key_and_limit(&due, limit as u32 + 1)
+            .map_err(Error::storage)?;
+        let mut ops: Vec<Op> = all(idb::wait(&request).await?)?;
+        if ops.len() > limit {
+            let next = ops[limit].next_attempt_at;
+            ops.truncate(limit);
+            return Ok((ops, next));
+        }
+        let later = IdbKeyRange::lower_bound_with_open(&key(now), true).map_err(Error::storage)?;
+        let request = index.get(&later).map_err(Error::storage)?;
+        let next: Option<Op> = from_js(idb::wait(&request).await?)?;
+        Ok((ops, next.and_then(|op| op.next_attempt_at)))
+    }
+
+    async fn counters(&mut self) -> Result<Counters> {
+        Ok(Self::get(&self.meta, &META_COUNTERS.into())
+            .await?
+            .unwrap_or_default())
+    }
+
+    async fn put_counters(&mut self, counters: &Counters) -> Result<()> {
+        Self::put(&self.meta, &to_js(counters)?, Some(META_COUNTERS))
+    }
+
+    async fn get_dead_letter(&mut self, id: OpId) -> Result<Option<DeadLetter>> {
+        Self::get(&self.dead_letters, &id.to_string().into()).await
+    }
+
+    async fn put_dead_letter(&mut self, letter: &DeadLetter) -> Result<()> {
+        Self::put(&self.dead_letters, &to_js(letter)?, None)
+    }
+
+    async fn delete_dead_letter(&mut self, id: OpId) -> Result<()> {
+        Self::delete(&self.dead_letters, &id.to_string().into())
+    }
+
+    async fn get_conflict(&mut self, id: OpId) -> Result<Option<ParkedConflict>> {
+        Self::get(&self.conflicts, &id.to_string().into()).await
+    }
+
+    async fn put_conflict(&mut self, conflict: &ParkedConflict) -> Result<()> {
+        Self::put(&self.conflicts, &to_js(conflict)?, None)
+    }
+
+    async fn delete_conflict(&mut self, id: OpId) -> Result<()> {
+        Self::delete(&self.conflicts, &id.to_string().into())
+    }
+
+    async fn put_breaker(&mut self, breaker: &Breaker) -> Result<()> {
+        Self::put(&self.meta, &to_js(breaker)?, Some(META_BREAKER))
+    }
+
+    async fn put_paused(&mut self, paused: bool) -> Result<()> {
+        Self::put(&self.meta, &JsValue::from_bool(paused), Some(META_PAUSED))
+    }
+}
