@@ -199,6 +199,25 @@ impl Outbox {
         })
     }
 
+    /// The body a page sends to `/v1/beacon` when it closes: the same op (same id and `seq`) as
+    /// the queued copy `seq` names, so whichever copy arrives second is a duplicate. `null` once
+    /// the op has left the queue. The token is not included: the caller adds it.
+    #[wasm_bindgen(js_name = beaconBody, unchecked_return_type = "Promise<string | null>")]
+    pub fn beacon_body(&self, seq: f64) -> Promise {
+        let shared = self.shared.clone();
+        promise(async move {
+            shared.check_open()?;
+            if !(seq.fract() == 0.0 && seq >= 1.0 && seq <= js_sys::Number::MAX_SAFE_INTEGER) {
+                return Err(Error::InvalidArgument(format!("seq must be a positive integer, not {seq}")));
+            }
+            let op = shared.store.read(async |t| t.get_op(seq as u64).await).await?;
+            Ok(match op {
+                Some(op) => crate::core::wire::encode_request(shared.transport.client(), [&op], None).into(),
+                None => JsValue::NULL,
+            })
+        })
+    }
+
     /// The ops delivery gave up on.
     #[wasm_bindgen(js_name = deadLetters, unchecked_return_type = "Promise<DeadLetter[]>")]
     pub fn dead_letters(&self) -> Promise {

@@ -51,6 +51,11 @@ impl Transport {
         }
     }
 
+    /// The client id every request carries.
+    pub fn client(&self) -> ClientId {
+        self.client
+    }
+
     /// Sends ops: a batch to `/v1/ops`, or one op to `/v1/op` with its id as `Idempotency-Key`.
     pub async fn send(&self, mode: SendMode, ops: &[Op]) -> Sent {
         let (headers, credentials) = match self.headers().await {
