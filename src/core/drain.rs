@@ -332,7 +332,9 @@ impl Drainer {
             return;
         }
         let mut expired = Vec::new();
-        while self.in_flight.len() < self.config.max_in_flight {
+        // A wanted load means the store may have changed under the window (an enqueue can replace
+        // a window op by coalescing): decide on what the load returns, not on stale copies.
+        while !self.load_wanted && self.in_flight.len() < self.config.max_in_flight {
             let batch = self.select(now, &mut expired);
             if batch.is_empty() {
                 break;
