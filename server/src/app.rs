@@ -23,6 +23,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::{error, warn};
 
 use crate::config::Config;
+use crate::demo::DemoPages;
 use crate::faults::{Fault, Faults, Route, RuleSpec};
 use crate::limit::RateLimiter;
 use crate::metrics::Metrics;
@@ -117,10 +118,13 @@ pub fn now_ms() -> i64 {
 /// while fault injection is possible: Chromium silently resends a request that fails on a
 /// reused keep-alive connection before any answer arrives (measured here), which would hide a
 /// dropped connection from the client and turn `reset_before_commit` into a normal apply.
+///
+/// With `demo_pages`, `GET /demo/{*path}` serves that directory's files (see [`crate::demo`]).
 pub fn router<S: Store>(
     state: Arc<AppState<S>>,
     cors_origins: &[String],
     close_connections: bool,
+    demo_pages: Option<DemoPages>,
 ) -> Result<Router, String> {
     let mut router = Router::new()
         .route("/v1/ops", post(ops::<S>))
@@ -136,6 +140,13 @@ pub fn router<S: Store>(
                 post(add_faults::<S>).delete(clear_faults::<S>),
             )
             .route("/v1/admin/log", get(admin_log::<S>));
+    }
+    if let Some(pages) = demo_pages {
+        router = router.merge(
+            Router::new()
+                .route("/demo/{*path}", get(crate::demo::serve))
+                .with_state(pages),
+        );
     }
     let mut router = router
         .fallback(not_found)

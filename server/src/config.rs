@@ -56,6 +56,11 @@ pub struct Config {
     #[arg(long)]
     pub admin_token: Option<String>,
 
+    /// Serves the files of this directory under /demo/ (GET only), for the demo extension's
+    /// fixture pages. Off by default.
+    #[arg(long, value_name = "DIR")]
+    pub demo_pages: Option<PathBuf>,
+
     /// SQLite `synchronous` setting. `full` syncs the WAL on every commit, so an
     /// acknowledged op survives power loss. `normal` survives a crash of this process but may
     /// lose the last commits on power loss or an OS crash.

@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod config;
+pub mod demo;
 pub mod faults;
 pub mod limit;
 pub mod merge;
@@ -35,7 +36,17 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let store = SqliteStore::open(&config.db, config.sync)?;
     let state = Arc::new(AppState::new(&config, store));
     let close_connections = config.admin_token.is_some() || config.seeded_faults();
-    let app = app::router(state.clone(), &config.cors_origins, close_connections)?;
+    let demo_pages = config
+        .demo_pages
+        .as_deref()
+        .map(demo::DemoPages::new)
+        .transpose()?;
+    let app = app::router(
+        state.clone(),
+        &config.cors_origins,
+        close_connections,
+        demo_pages,
+    )?;
     tokio::spawn(purge_loop(state, config.retention));
 
     let listener = TcpListener::bind(config.listen).await?;

@@ -578,7 +578,50 @@ async fn help_lists_every_flag() {
         "--fault-delay-ms",
         "--fault-reset",
         "--fault-drop-after-commit",
+        "--demo-pages",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
+}
+
+#[tokio::test]
+async fn demo_pages_serve_static_files_under_demo_only_when_enabled() {
+    let root = tempfile::tempdir().unwrap();
+    let pages = root.path().join("pages");
+    std::fs::create_dir_all(pages.join("pr")).unwrap();
+    std::fs::write(pages.join("pr/17.html"), "<h1>PR 17</h1>").unwrap();
+    std::fs::write(root.path().join("secret.txt"), "not for the web").unwrap();
+    let dir = pages.to_str().unwrap();
+    let server = Server::start(&["--demo-pages", dir]);
+    let page = server
+        .http
+        .get(server.at("/demo/pr/17.html"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    assert_eq!(page.text().await.unwrap(), "<h1>PR 17</h1>");
+    // %2F survives URL normalisation, so the server sees the `..` (and must refuse it).
+    for missing in [
+        "/demo/pr/18.html",
+        "/demo/pr",
+        "/demo/pr%2F..%2F..%2Fsecret.txt",
+        "/demo/..%2Fsecret.txt",
+        "/demo/",
+    ] {
+        let response = server.http.get(server.at(missing)).send().await.unwrap();
+        assert_problem(response, 404, missing).await;
+    }
+    // The op routes are untouched.
+    assert!(server.healthy().await);
+
+    let off = Server::start(&[]);
+    let response = off
+        .http
+        .get(off.at("/demo/pr/17.html"))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 404, "demo pages off").await;
 }
