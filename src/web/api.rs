@@ -14,7 +14,9 @@ use super::schema;
 use super::session::Shared;
 use super::store::Store;
 use super::transport::Transport;
-use super::views::{ConflictView, DeadLetterView, OpView, ReceiptView, to_js};
+use super::views::{
+    BreakerView, ConflictView, DeadLetterView, OpView, ReceiptView, StatsView, to_js,
+};
 use crate::core::store::{self as queue, QueueTxn};
 use crate::core::{Breaker, Config, Draft, Event, OpId, Priority, Refusal, Resolution, WakeReason};
 
@@ -78,8 +80,11 @@ pub struct Outbox {
     shared: Rc<Shared>,
 }
 
-fn promise<T: Into<JsValue>>(work: impl Future<Output = Result<T>> + 'static) -> Promise {
-    future_to_promise(async move { work.await.map(Into::into).map_err(Into::into) })
+/// Turns an API call's work into a Promise. The work is boxed so that `future_to_promise` is
+/// instantiated once, not once per method: it is a large function, and wasm size matters here.
+fn promise(work: impl Future<Output = Result<JsValue>> + 'static) -> Promise {
+    let work: std::pin::Pin<Box<dyn Future<Output = Result<JsValue>>>> = Box::pin(work);
+    future_to_promise(async move { work.await.map_err(Into::into) })
 }
 
 #[wasm_bindgen]
@@ -208,11 +213,18 @@ impl Outbox {
         promise(async move {
             shared.check_open()?;
             if !(seq.fract() == 0.0 && seq >= 1.0 && seq <= js_sys::Number::MAX_SAFE_INTEGER) {
-                return Err(Error::InvalidArgument(format!("seq must be a positive integer, not {seq}")));
+                return Err(Error::InvalidArgument(format!(
+                    "seq must be a positive integer, not {seq}"
+                )));
             }
-            let op = shared.store.read(async |t| t.get_op(seq as u64).await).await?;
+            let op = shared
+                .store
+                .read(async |t| t.get_op(seq as u64).await)
+                .await?;
             Ok(match op {
-                Some(op) => crate::core::wire::encode_request(shared.transport.client(), [&op], None).into(),
+                Some(op) => {
+                    crate::core::wire::encode_request(shared.transport.client(), [&op], None).into()
+                }
                 None => JsValue::NULL,
             })
         })
@@ -470,23 +482,31 @@ async fn stats(shared: &Shared) -> Result<JsValue> {
             ))
         })
         .await?;
-    let breaker = match breaker {
-        Breaker::Closed { .. } => serde_json::json!({"state": "closed"}),
-        Breaker::Open { until, .. } => serde_json::json!({"state": "open", "until": until}),
-        Breaker::HalfOpen { .. } => serde_json::json!({"state": "half-open"}),
-    };
-    to_js(&serde_json::json!({
-        "client": client.map(|c| c.to_string()),
-        "pending": counters.pending,
-        "bytes": counters.bytes,
-        "deadLetters": dead,
-        "conflicts": parked,
-        "nextAttemptAt": next,
-        "paused": paused,
-        "draining": shared.is_draining(),
-        "inFlight": shared.in_flight(),
-        "breaker": breaker,
-    }))
+    to_js(&StatsView {
+        client: client.map(|c| c.to_string()),
+        pending: counters.pending,
+        bytes: counters.bytes,
+        dead_letters: dead,
+        conflicts: parked,
+        next_attempt_at: next,
+        paused,
+        draining: shared.is_draining(),
+        in_flight: shared.in_flight(),
+        breaker: match breaker {
+            Breaker::Closed { .. } => BreakerView {
+                state: "closed",
+                until: None,
+            },
+            Breaker::Open { until, .. } => BreakerView {
+                state: "open",
+                until: Some(until),
+            },
+            Breaker::HalfOpen { .. } => BreakerView {
+                state: "half-open",
+                until: None,
+            },
+        },
+    })
 }
 
 fn parse_id(id: &str) -> Result<OpId> {

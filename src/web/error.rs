@@ -97,16 +97,6 @@ impl Error {
     }
 }
 
-impl From<serde_wasm_bindgen::Error> for Error {
-    fn from(error: serde_wasm_bindgen::Error) -> Self {
-        // Records that fail to convert were written by an incompatible build: a storage fault.
-        Error::Storage(JsError {
-            name: "DataError".into(),
-            message: error.to_string(),
-        })
-    }
-}
-
 impl From<Error> for JsValue {
     fn from(error: Error) -> Self {
         js_error(error.code(), &error.to_string()).into()

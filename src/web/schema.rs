@@ -3,9 +3,12 @@
 //! | store | key | indexes | holds |
 //! |---|---|---|---|
 //! | `ops` | `seq` | `by_due` on `next_attempt_at`; `by_entity` on `[entity, seq]` | pending ops |
-//! | `dead_letters` | `op.id` | | ops delivery gave up on |
-//! | `conflicts` | `op.id` | | ops parked by the `manual` policy |
+//! | `dead_letters` | `id` | | ops delivery gave up on |
+//! | `conflicts` | `id` | | ops parked by the `manual` policy |
 //! | `meta` | out of line | | `client`, `counters`, `breaker`, `paused` |
+//!
+//! A record is its JSON text in `json`, beside copies of the fields that keys and indexes name
+//! (see [`store`](super::store)); meta values are JSON text.
 //!
 //! IndexedDB leaves a record out of an index when the index's key path has no valid key in it.
 //! The schema leans on that: only entity heads have `next_attempt_at`, so `by_due` holds exactly
@@ -60,8 +63,8 @@ pub fn declare(name: &str, version: u32, extra: Vec<ObjectStore>) -> rexie::Rexi
                 .add_index(Index::new(BY_DUE, "next_attempt_at"))
                 .add_index(Index::new_array(BY_ENTITY, ["entity", "seq"])),
         )
-        .add_object_store(ObjectStore::new(DEAD_LETTERS).key_path("op.id"))
-        .add_object_store(ObjectStore::new(CONFLICTS).key_path("op.id"))
+        .add_object_store(ObjectStore::new(DEAD_LETTERS).key_path("id"))
+        .add_object_store(ObjectStore::new(CONFLICTS).key_path("id"))
         .add_object_store(ObjectStore::new(META));
     for store in extra {
         builder = builder.add_object_store(store);

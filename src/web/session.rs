@@ -140,7 +140,12 @@ enum Message {
     /// Someone enqueued or was woken but could not take the lock: the holder should load.
     Wake,
     /// An event emitted by the draining context, for listeners everywhere.
-    Event { event: serde_json::Value },
+    Event {
+        /// The event's name, for dispatch.
+        name: String,
+        /// The event as JSON.
+        event: Box<serde_json::value::RawValue>,
+    },
 }
 
 impl Shared {
@@ -181,18 +186,16 @@ impl Shared {
         let weak: Weak<Self> = Rc::downgrade(self);
         let on_message = Closure::<dyn Fn(MessageEvent)>::new(move |event: MessageEvent| {
             let Some(this) = weak.upgrade() else { return };
-            match serde_wasm_bindgen::from_value::<Message>(event.data()) {
+            let text = event.data().as_string().unwrap_or_default();
+            match serde_json::from_str::<Message>(&text) {
                 Ok(Message::Wake) => {
                     if let Some(drain) = this.wake(WakeReason::Message) {
                         wasm_bindgen_futures::spawn_local(drain);
                     }
                 }
-                Ok(Message::Event { event }) => {
-                    if let (Some(name), Ok(value)) = (
-                        event.get("type").and_then(|t| t.as_str()),
-                        super::views::to_js(&event),
-                    ) {
-                        this.listeners.dispatch(name, &value);
+                Ok(Message::Event { name, event }) => {
+                    if let Ok(value) = js_sys::JSON::parse(event.get()) {
+                        this.listeners.dispatch(&name, &value);
                     }
                 }
                 Err(_) => {}
@@ -205,12 +208,12 @@ impl Shared {
     }
 
     fn broadcast(&self, message: &Message) {
-        if let (Some(channel), Ok(value)) = (
+        if let (Some(channel), Ok(text)) = (
             self.channel.borrow().as_ref(),
-            message.serialize(&serde_wasm_bindgen::Serializer::json_compatible()),
+            serde_json::to_string(message),
         ) {
             // Posting fails only if the channel is closed, and then nobody is listening.
-            let _ = channel.post_message(&value);
+            let _ = channel.post_message(&text.into());
         }
     }
 
@@ -234,13 +237,16 @@ impl Shared {
 
     /// Emits an event to local listeners and to the other contexts.
     pub fn emit(&self, event: &Event) {
-        let Ok(json) = serde_json::to_value(event) else {
+        let Ok(json) = serde_json::value::to_raw_value(event) else {
             return;
         };
-        if let Ok(value) = super::views::to_js(&json) {
+        if let Ok(value) = js_sys::JSON::parse(json.get()) {
             self.listeners.dispatch(event.name(), &value);
         }
-        self.broadcast(&Message::Event { event: json });
+        self.broadcast(&Message::Event {
+            name: event.name().into(),
+            event: json,
+        });
     }
 
     fn report(&self, error: &Error) {
@@ -482,5 +488,3 @@ impl Shared {
         self.store.close();
     }
 }
-
-use serde::Serialize as _;

@@ -1,5 +1,6 @@
 //! The queue in IndexedDB: [`QueueTxn`] over one transaction, and the reads the API needs.
 
+use js_sys::{Object, Reflect};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use wasm_bindgen::JsCast;
@@ -15,17 +16,60 @@ use super::schema::*;
 use crate::core::store::QueueTxn;
 use crate::core::{Breaker, Counters, DeadLetter, Millis, Op, OpId, ParkedConflict};
 
-/// Records cross into IndexedDB as plain objects with their Rust field names, which the index
-/// key paths name. `None` becomes `undefined`, which keeps the record out of that index.
-fn to_js<T: Serialize>(value: &T) -> Result<JsValue> {
-    Ok(serde_wasm_bindgen::to_value(value)?)
+/// Records are stored as JSON text (`json`) beside the few fields the key paths and indexes name
+/// (`seq`, `next_attempt_at`, `entity`; `id` for dead letters and conflicts). IndexedDB clones a
+/// string faster than an object of many fields, and one serialiser (serde_json, which the wire
+/// needs anyway) keeps the module small. A field left unset keeps the record out of that index.
+fn record(fields: &[(&str, JsValue)], json: String) -> JsValue {
+    let record = Object::new();
+    for (name, value) in fields {
+        // Setting a property on a fresh object cannot fail.
+        let _ = Reflect::set(&record, &(*name).into(), value);
+    }
+    let _ = Reflect::set(&record, &"json".into(), &json.into());
+    record.into()
 }
 
-fn from_js<T: DeserializeOwned>(value: JsValue) -> Result<Option<T>> {
+fn encode<T: Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(data_error)
+}
+
+/// Reads a record written by [`record`], or a meta value (JSON text itself).
+fn decode<T: DeserializeOwned>(value: JsValue) -> Result<Option<T>> {
     if value.is_undefined() || value.is_null() {
         return Ok(None);
     }
-    Ok(Some(serde_wasm_bindgen::from_value(value)?))
+    let text = match value.as_string() {
+        Some(text) => text,
+        None => Reflect::get(&value, &"json".into())
+            .ok()
+            .and_then(|json| json.as_string())
+            .ok_or_else(|| data_error("a record without its json field"))?,
+    };
+    serde_json::from_str(&text).map(Some).map_err(data_error)
+}
+
+fn data_error(error: impl std::fmt::Display) -> Error {
+    // Records that fail to convert were written by an incompatible build: a storage fault.
+    Error::Storage(super::error::JsError {
+        name: "DataError".into(),
+        message: error.to_string(),
+    })
+}
+
+fn op_record(op: &Op) -> Result<JsValue> {
+    let mut fields = vec![("seq", key(op.seq))];
+    if let Some(at) = op.next_attempt_at {
+        fields.push(("next_attempt_at", JsValue::from_f64(at as f64)));
+    }
+    if let Some(entity) = &op.entity {
+        fields.push(("entity", JsValue::from_str(entity)));
+    }
+    Ok(record(&fields, encode(op)?))
+}
+
+fn keyed_record<T: Serialize>(id: OpId, value: &T) -> Result<JsValue> {
+    Ok(record(&[("id", id.to_string().into())], encode(value)?))
 }
 
 fn key(seq: u64) -> JsValue {
@@ -101,7 +145,7 @@ impl IdbTxn {
 
     async fn get<T: DeserializeOwned>(store: &IdbObjectStore, key: &JsValue) -> Result<Option<T>> {
         let request = store.get(key).map_err(Error::storage)?;
-        from_js(idb::wait(&request).await?)
+        decode(idb::wait(&request).await?)
     }
 
     /// Queues a put. Its failure aborts the transaction, which `commit` reports, so there is no
@@ -126,7 +170,7 @@ impl IdbTxn {
 
     /// Stores the client id.
     pub fn put_client(&mut self, client: OpId) -> Result<()> {
-        Self::put(&self.meta, &to_js(&client)?, Some(META_CLIENT))
+        Self::put(&self.meta, &encode(&client)?.into(), Some(META_CLIENT))
     }
 
     /// The persisted breaker and pause flag.
@@ -195,7 +239,7 @@ fn all<T: DeserializeOwned>(array: JsValue) -> Result<Vec<T>> {
     let array: js_sys::Array = array.unchecked_into();
     array
         .iter()
-        .map(|value| Ok(serde_wasm_bindgen::from_value(value)?))
+        .filter_map(|value| decode(value).transpose())
         .collect()
 }
 
@@ -207,7 +251,7 @@ impl QueueTxn for IdbTxn {
     }
 
     async fn put_op(&mut self, op: &Op) -> Result<()> {
-        Self::put(&self.ops, &to_js(op)?, None)
+        Self::put(&self.ops, &op_record(op)?, None)
     }
 
     async fn delete_op(&mut self, seq: u64) -> Result<()> {
@@ -219,7 +263,7 @@ impl QueueTxn for IdbTxn {
         let request = index
             .get(&Self::entity_range(entity, Some(after))?.into())
             .map_err(Error::storage)?;
-        from_js(idb::wait(&request).await?)
+        decode(idb::wait(&request).await?)
     }
 
     async fn last_on_entity(&mut self, entity: &str) -> Result<Option<Op>> {
@@ -235,7 +279,7 @@ impl QueueTxn for IdbTxn {
             return Ok(None);
         }
         let cursor: IdbCursorWithValue = cursor.unchecked_into();
-        from_js(cursor.value().map_err(Error::storage)?)
+        decode(cursor.value().map_err(Error::storage)?)
     }
 
     async fn due_heads(&mut self, now: Millis, limit: usize) -> Result<(Vec<Op>, Option<Millis>)> {
@@ -253,7 +297,7 @@ impl QueueTxn for IdbTxn {
         }
         let later = IdbKeyRange::lower_bound_with_open(&key(now), true).map_err(Error::storage)?;
         let request = index.get(&later).map_err(Error::storage)?;
-        let next: Option<Op> = from_js(idb::wait(&request).await?)?;
+        let next: Option<Op> = decode(idb::wait(&request).await?)?;
         Ok((ops, next.and_then(|op| op.next_attempt_at)))
     }
 
@@ -264,7 +308,7 @@ impl QueueTxn for IdbTxn {
     }
 
     async fn put_counters(&mut self, counters: &Counters) -> Result<()> {
-        Self::put(&self.meta, &to_js(counters)?, Some(META_COUNTERS))
+        Self::put(&self.meta, &encode(counters)?.into(), Some(META_COUNTERS))
     }
 
     async fn get_dead_letter(&mut self, id: OpId) -> Result<Option<DeadLetter>> {
@@ -272,7 +316,11 @@ impl QueueTxn for IdbTxn {
     }
 
     async fn put_dead_letter(&mut self, letter: &DeadLetter) -> Result<()> {
-        Self::put(&self.dead_letters, &to_js(letter)?, None)
+        Self::put(
+            &self.dead_letters,
+            &keyed_record(letter.op.id, letter)?,
+            None,
+        )
     }
 
     async fn delete_dead_letter(&mut self, id: OpId) -> Result<()> {
@@ -284,7 +332,11 @@ impl QueueTxn for IdbTxn {
     }
 
     async fn put_conflict(&mut self, conflict: &ParkedConflict) -> Result<()> {
-        Self::put(&self.conflicts, &to_js(conflict)?, None)
+        Self::put(
+            &self.conflicts,
+            &keyed_record(conflict.op.id, conflict)?,
+            None,
+        )
     }
 
     async fn delete_conflict(&mut self, id: OpId) -> Result<()> {
@@ -292,10 +344,10 @@ impl QueueTxn for IdbTxn {
     }
 
     async fn put_breaker(&mut self, breaker: &Breaker) -> Result<()> {
-        Self::put(&self.meta, &to_js(breaker)?, Some(META_BREAKER))
+        Self::put(&self.meta, &encode(breaker)?.into(), Some(META_BREAKER))
     }
 
     async fn put_paused(&mut self, paused: bool) -> Result<()> {
-        Self::put(&self.meta, &JsValue::from_bool(paused), Some(META_PAUSED))
+        Self::put(&self.meta, &encode(&paused)?.into(), Some(META_PAUSED))
     }
 }

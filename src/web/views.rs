@@ -115,6 +115,42 @@ impl From<&Receipt> for ReceiptView {
     }
 }
 
+/// `stats()` as the API shows it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsView {
+    /// The client id.
+    pub client: Option<String>,
+    /// Pending ops.
+    pub pending: u64,
+    /// Bytes of pending ops.
+    pub bytes: u64,
+    /// Dead letters.
+    pub dead_letters: u32,
+    /// Parked conflicts.
+    pub conflicts: u32,
+    /// The earliest next attempt of any op.
+    pub next_attempt_at: Option<Millis>,
+    /// Whether delivery waits for credentials.
+    pub paused: bool,
+    /// Whether this context is delivering now.
+    pub draining: bool,
+    /// Requests in flight from this context.
+    pub in_flight: usize,
+    /// The circuit breaker.
+    pub breaker: BreakerView,
+}
+
+/// The breaker as `stats()` shows it.
+#[derive(Serialize)]
+pub struct BreakerView {
+    /// `closed`, `open` or `half-open`.
+    pub state: &'static str,
+    /// When an open breaker probes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<Millis>,
+}
+
 /// Serialises with serde_json (which understands raw JSON) and parses in JavaScript.
 pub fn to_js<T: Serialize>(value: &T) -> Result<JsValue> {
     let text = serde_json::to_string(value).map_err(|e| {

@@ -722,7 +722,8 @@ async fn schema_upgrade_keeps_data_and_closes_old_connections() {
         .await
         .unwrap()
         .expect("op kept");
-    assert_eq!(js_to_json(&kept)["id"], receipt["id"]);
+    let stored: Value = serde_json::from_str(js_to_json(&kept)["json"].as_str().unwrap()).unwrap();
+    assert_eq!(stored["id"], receipt["id"]);
     tx.done().await.unwrap();
     newer.close();
     assert_eq!(error_code(old.stats()).await, "CLOSED");
