@@ -1,10 +1,9 @@
 //! A thin async layer over IndexedDB, for the data path.
 //!
-//! rexie (and the `idb` crate under it) cannot open a transaction with `durability: "strict"`,
-//! which `enqueue` needs: since Chrome 121 the default is `relaxed`, which reports success before
-//! the data reaches the disk. So the schema is declared and upgraded with rexie
-//! ([`schema`](super::schema)), and the data path uses `web-sys` directly, through this module:
-//! `IDBDatabase.transaction(stores, mode, {durability})`.
+//! `enqueue` needs a transaction with `durability: "strict"`: since Chrome 121 the default is
+//! `relaxed`, which reports success before the data reaches the disk. rexie and the `idb` crate
+//! cannot set it (see [`schema`](super::schema)), so this module binds
+//! `IDBDatabase.transaction(stores, mode, {durability})` itself.
 //!
 //! Requests are awaited through promises resolved from their `success` events. The promise
 //! reactions run in the microtask checkpoint of that event, while the transaction is still
@@ -16,8 +15,7 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{
-    IdbDatabase, IdbFactory, IdbObjectStore, IdbOpenDbRequest, IdbRequest, IdbTransaction,
-    IdbTransactionMode,
+    IdbDatabase, IdbFactory, IdbObjectStore, IdbRequest, IdbTransaction, IdbTransactionMode,
 };
 
 #[wasm_bindgen]
@@ -55,15 +53,6 @@ pub fn factory() -> Result<IdbFactory> {
     value
         .dyn_into::<IdbFactory>()
         .map_err(|_| Error::Unsupported("this global scope has no indexedDB".into()))
-}
-
-/// Opens a connection to an existing database at `version` (no upgrade expected).
-pub async fn open(name: &str, version: u32) -> Result<IdbDatabase> {
-    let request: IdbOpenDbRequest = factory()?
-        .open_with_u32(name, version)
-        .map_err(Error::storage)?;
-    let result = wait(request.unchecked_ref()).await?;
-    Ok(result.unchecked_into())
 }
 
 /// Waits for a request to succeed and returns its result.

@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use js_sys::{Function, Object, Promise, Reflect};
-use outbox::web::Outbox;
+use outbox::web::{Outbox, schema};
 use serde_json::{Value, json};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
@@ -702,29 +702,36 @@ async fn schema_upgrade_keeps_data_and_closes_old_connections() {
     )
     .await;
     // A newer build adds a store: the running old context must step aside, not block it.
-    let newer = outbox::web::schema::declare(
-        &db,
-        outbox::web::schema::VERSION + 1,
-        vec![rexie::ObjectStore::new("future")],
-    )
-    .build()
-    .await
-    .expect("upgrade not blocked by the old connection");
-    assert!(newer.store_names().contains(&"future".to_string()));
-    assert!(newer.store_names().contains(&"ops".to_string()));
-    let tx = newer
-        .transaction(&["ops"], rexie::TransactionMode::ReadOnly)
-        .unwrap();
-    let kept = tx
-        .store("ops")
-        .unwrap()
-        .get(JsValue::from(1))
+    fn next_version(db: &web_sys::IdbDatabase, old: u32) -> Result<(), JsValue> {
+        schema::migrate(db, old)?;
+        if old < schema::VERSION + 1 {
+            db.create_object_store("future")?;
+        }
+        Ok(())
+    }
+    let newer = schema::open_with(&db, schema::VERSION + 1, next_version)
         .await
+        .expect("upgrade not blocked by the old connection");
+    let names = js_sys::Array::from(&Reflect::get(&newer, &"objectStoreNames".into()).unwrap());
+    let names: Vec<String> = names.iter().filter_map(|n| n.as_string()).collect();
+    for store in ["future", "ops", "dead_letters", "conflicts", "meta"] {
+        assert!(names.iter().any(|n| n == store), "{store} in {names:?}");
+    }
+    let tx = newer.transaction_with_str("ops").unwrap();
+    let request = tx
+        .object_store("ops")
         .unwrap()
-        .expect("op kept");
-    let stored: Value = serde_json::from_str(js_to_json(&kept)["json"].as_str().unwrap()).unwrap();
+        .get(&JsValue::from(1))
+        .unwrap();
+    let kept = outbox::web::idb::wait(&request)
+        .await
+        .expect("op 1 is still there");
+    let json = Reflect::get(&kept, &"json".into())
+        .unwrap()
+        .as_string()
+        .unwrap();
+    let stored: Value = serde_json::from_str(&json).unwrap();
     assert_eq!(stored["id"], receipt["id"]);
-    tx.done().await.unwrap();
     newer.close();
     assert_eq!(error_code(old.stats()).await, "CLOSED");
 }
