@@ -12,7 +12,7 @@
 //! every decision is persisted before the action that depends on it (an attempt is leased before
 //! its request is sent; a result is written before its event is emitted).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::VecDeque;
 
 use super::breaker::{Breaker, BreakerChange};
 use super::config::{Config, ConflictPolicy, SendMode};
@@ -127,9 +127,10 @@ pub struct Drainer {
     paused: bool,
     /// Due head ops loaded from the store and not in flight, earliest first.
     window: VecDeque<Op>,
-    in_flight: BTreeMap<RequestId, Vec<Op>>,
+    /// At most `max_in_flight` entries, so a Vec: a BTreeMap instantiation costs kilobytes of wasm.
+    in_flight: Vec<(RequestId, Vec<Op>)>,
     /// Entities with an op in flight: at most one per entity.
-    busy: BTreeSet<String>,
+    busy: EntitySet,
     load_wanted: bool,
     load_pending: bool,
     /// The earliest `next_attempt_at` in the store outside the window, as far as is known.
@@ -159,8 +160,8 @@ impl Drainer {
             breaker,
             paused,
             window: VecDeque::new(),
-            in_flight: BTreeMap::new(),
-            busy: BTreeSet::new(),
+            in_flight: Vec::new(),
+            busy: EntitySet::default(),
             load_wanted: true,
             load_pending: false,
             next_due: None,
@@ -196,7 +197,7 @@ impl Drainer {
 
     /// Ops in flight.
     pub fn ops_in_flight(&self) -> impl Iterator<Item = &Op> {
-        self.in_flight.values().flatten()
+        self.in_flight.iter().flat_map(|(_, ops)| ops)
     }
 
     /// Whether the drainer waits on nothing: no request in flight, no load asked for, no action
@@ -229,10 +230,11 @@ impl Drainer {
             }
             Input::Loaded { ops, next_due } => {
                 self.load_pending = false;
-                let in_flight: BTreeSet<u64> = self.ops_in_flight().map(|op| op.seq).collect();
+                let mut in_flight: Vec<u64> = self.ops_in_flight().map(|op| op.seq).collect();
+                in_flight.sort_unstable();
                 self.window = ops
                     .into_iter()
-                    .filter(|op| !in_flight.contains(&op.seq))
+                    .filter(|op| in_flight.binary_search(&op.seq).is_err())
                     .collect();
                 self.next_due = next_due;
                 if self.window.is_empty()
@@ -245,7 +247,7 @@ impl Drainer {
                 }
             }
             Input::Vanished { request, seqs } => {
-                if let Some(ops) = self.in_flight.get_mut(&request) {
+                if let Some((_, ops)) = self.in_flight.iter_mut().find(|(id, _)| *id == request) {
                     for op in ops.iter().filter(|op| seqs.contains(&op.seq)) {
                         if let Some(entity) = &op.entity {
                             self.busy.remove(entity);
@@ -257,7 +259,8 @@ impl Drainer {
                 self.load_wanted = true;
             }
             Input::Reply { request, reply } => {
-                if let Some(ops) = self.in_flight.remove(&request) {
+                if let Some(at) = self.in_flight.iter().position(|(id, _)| *id == request) {
+                    let (_, ops) = self.in_flight.swap_remove(at);
                     self.settle(now, request, ops, &reply);
                 }
             }
@@ -385,7 +388,7 @@ impl Drainer {
         };
         let mut batch: Vec<Op> = Vec::new();
         let mut bytes = 0;
-        let mut entities = BTreeSet::new();
+        let mut entities = EntitySet::default();
         let mut i = 0;
         while i < self.window.len() && batch.len() < max_ops {
             let op = &self.window[i];
@@ -432,7 +435,7 @@ impl Drainer {
         }
         let id = RequestId(self.next_request);
         self.next_request += 1;
-        self.in_flight.insert(id, ops.clone());
+        self.in_flight.push((id, ops.clone()));
         self.quiet = false;
         self.actions.push_back(Action::Send(Request {
             id,
@@ -693,6 +696,29 @@ impl Drainer {
                 op.last_error = Some(format!("conflict: rebased on version {version}"));
                 self.retry_now(now, op, writes);
             }
+        }
+    }
+}
+
+/// A set of entity names, kept sorted in a Vec. It holds at most a few hundred names, and a
+/// `BTreeSet<String>` would add kilobytes of wasm for nothing.
+#[derive(Debug, Default)]
+struct EntitySet(Vec<String>);
+
+impl EntitySet {
+    fn contains(&self, entity: &str) -> bool {
+        self.0.binary_search_by(|e| e.as_str().cmp(entity)).is_ok()
+    }
+
+    fn insert(&mut self, entity: String) {
+        if let Err(at) = self.0.binary_search(&entity) {
+            self.0.insert(at, entity);
+        }
+    }
+
+    fn remove(&mut self, entity: &str) {
+        if let Ok(at) = self.0.binary_search_by(|e| e.as_str().cmp(entity)) {
+            self.0.remove(at);
         }
     }
 }

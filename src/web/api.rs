@@ -212,7 +212,7 @@ impl Outbox {
         let shared = self.shared.clone();
         promise(async move {
             shared.check_open()?;
-            if !(seq.fract() == 0.0 && seq >= 1.0 && seq <= js_sys::Number::MAX_SAFE_INTEGER) {
+            if seq.fract() != 0.0 || !(1.0..=js_sys::Number::MAX_SAFE_INTEGER).contains(&seq) {
                 return Err(Error::InvalidArgument(format!(
                     "seq must be a positive integer, not {seq}"
                 )));
