@@ -472,7 +472,7 @@ impl Drainer {
                         version,
                         duplicate,
                     });
-                    self.finish(op, Fate::Delivered, &mut writes);
+                    self.finish(op, Fate::Delivered { duplicate }, &mut writes);
                 }
                 Verdict::Retry {
                     counts,

@@ -91,7 +91,13 @@ pub enum Write {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fate {
     /// It took effect on the server.
-    Delivered,
+    Delivered {
+        /// It took effect through an earlier copy, perhaps one sent under an earlier `seq` (a
+        /// retried dead letter keeps its id), so the server's `last` may be below this op's
+        /// `seq`: the next op is relinked past it. (When it took effect under this `seq`,
+        /// relinking changes nothing the server checks: `prev` only drops to one already passed.)
+        duplicate: bool,
+    },
     /// It conflicted and the server's version stands (`server-wins`).
     Dropped,
     /// Delivery gave up on it.
@@ -179,7 +185,7 @@ pub async fn apply<T: QueueTxn>(
                 c.pending = c.pending.saturating_sub(1);
                 c.bytes = c.bytes.saturating_sub(stored.size());
                 match fate {
-                    Fate::Delivered | Fate::Dropped => {}
+                    Fate::Delivered { .. } | Fate::Dropped => {}
                     Fate::DeadLettered {
                         reason,
                         status,
@@ -210,7 +216,7 @@ pub async fn apply<T: QueueTxn>(
                 if let Some(entity) = &op.entity
                     && let Some(next) = txn.next_on_entity(entity, op.seq).await?
                 {
-                    let took_effect = matches!(fate, Fate::Delivered);
+                    let took_effect = matches!(fate, Fate::Delivered { duplicate: false });
                     txn.put_op(&promote(next, op, took_effect, now)).await?;
                 }
             }
