@@ -849,3 +849,63 @@ fn a_replaced_op_is_never_dead_lettered_from_a_stale_window() {
     assert_eq!(applied, [other.seq, newer.seq]);
     sim.ledger.check_drained(&sim.store).unwrap();
 }
+
+#[test]
+fn an_op_replaced_in_another_context_vanishes_at_lease() {
+    let config = Config {
+        max_in_flight: 1,
+        ..Config::default()
+    };
+    let config = with_kind(config, "title", ConflictPolicy::ServerWins, true);
+    let mut sim = Sim::new(config, 22);
+    let first = sim.enqueue(draft(Some("pr/2"), "comment", "{}")).unwrap();
+    // The only request slot is taken: the new head waits, unsent, in the drainer's window.
+    let head = sim
+        .enqueue(draft(Some("pr/1"), "title", r#"{"t":1}"#))
+        .unwrap();
+    // A popup replaces it; its message has not reached the drainer yet.
+    let newer = sim
+        .enqueue_elsewhere(draft(Some("pr/1"), "title", r#"{"t":2}"#))
+        .unwrap();
+    assert_eq!(newer.replaced, Some(head.id));
+    // The slot frees: the drainer picks its stale copy, and the lease refuses it.
+    sim.deliver(0);
+    assert_eq!(sim.stats.vanished, 1);
+    sim.deliver_all();
+    assert!(
+        !sim.sent_seqs().contains(&head.seq),
+        "a replaced op was sent"
+    );
+    assert_eq!(sim.applied_seqs(), [first.seq, newer.seq]);
+    sim.ledger.check_drained(&sim.store).unwrap();
+}
+
+#[test]
+fn a_dead_letter_delivered_by_a_replay_does_not_block_its_entity() {
+    let config = Config {
+        user: RetryLimits {
+            max_attempts: 8,
+            max_age_ms: MINUTE,
+        },
+        ..Config::default()
+    };
+    let mut sim = Sim::new(breaker_never_opens(config), 23);
+    // It takes effect, the answer is lost, and the server is gone until the op expires.
+    sim.script.push_back(Fault::LostAck);
+    let op = sim.enqueue(draft(Some("pr/1"), "comment", "{}")).unwrap();
+    sim.deliver_all();
+    sim.server.down = true;
+    run_until(&mut sim, 1_000, |s| s.store.dead_letters().count() == 1);
+    sim.server.down = false;
+    // The retry keeps the id under a new seq; the next op waits behind it.
+    let retry = sim.retry_dead_letter(op.id).unwrap();
+    let next = sim.enqueue(draft(Some("pr/1"), "comment", "{}")).unwrap();
+    assert_eq!(stored(&sim, next.seq).prev, retry.seq);
+    // The server replays `applied` from the first seq: its `last` never reached the retry's seq,
+    // so the next op must be relinked past it (the harness fails on any `out_of_order`).
+    sim.deliver_all();
+    assert_eq!(delivered(&sim, retry.id), Some(true));
+    assert_eq!(sim.server.last(sim.client, "pr/1"), next.seq);
+    assert_eq!(sim.applied_seqs(), [op.seq, next.seq]);
+    sim.ledger.check_drained(&sim.store).unwrap();
+}

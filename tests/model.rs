@@ -154,7 +154,14 @@ fn step(sim: &mut Sim, n: u64) {
         // The user acts.
         0..=179 => {
             let draft = random_draft(sim, n);
-            if let Err(refusal) = sim.enqueue(draft) {
+            // A third of the ops come from another context (a popup, a content script), whose
+            // message reaches the drainer later.
+            let result = if sim.rng.chance(0.33) {
+                sim.enqueue_elsewhere(draft)
+            } else {
+                sim.enqueue(draft)
+            };
+            if let Err(refusal) = result {
                 assert!(
                     matches!(
                         refusal,
@@ -231,8 +238,14 @@ fn step(sim: &mut Sim, n: u64) {
             let entity = ENTITIES[sim.rng.up_to(3) as usize];
             sim.other_user_edits(entity);
         }
+        // The message of an enqueue in another context arrives.
+        870..=879 => {
+            if sim.unannounced {
+                sim.announce();
+            }
+        }
         // Another trigger wakes the drainer.
-        870..=894 => {
+        880..=894 => {
             let reasons = [
                 WakeReason::Online,
                 WakeReason::Flush,

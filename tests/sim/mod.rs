@@ -125,6 +125,10 @@ pub struct Server {
     pub max_body: usize,
     /// Requests answered, by status.
     pub statuses: BTreeMap<u16, u64>,
+    /// `out_of_order` answers given.
+    pub out_of_order: u64,
+    /// The last op answered `out_of_order`: (seq, prev, last, entity).
+    pub last_out_of_order: Option<(u64, u64, u64, String)>,
 }
 
 impl Default for Server {
@@ -139,6 +143,8 @@ impl Default for Server {
             down: false,
             max_body: 1024 * 1024,
             statuses: BTreeMap::new(),
+            out_of_order: 0,
+            last_out_of_order: None,
         }
     }
 }
@@ -418,6 +424,8 @@ impl Server {
             return Outcome::Duplicate { version };
         }
         if last < op.prev {
+            self.out_of_order += 1;
+            self.last_out_of_order = Some((op.seq, op.prev, last, entity.clone()));
             return Outcome::OutOfOrder { last };
         }
         // 4. Version.
@@ -904,6 +912,8 @@ pub struct Sim {
     pub stats: Stats,
     /// The harness's randomness (faults, ids, seeds).
     pub rng: Rng,
+    /// An op was enqueued in another context and its message has not woken the drainer yet.
+    pub unannounced: bool,
     seed: u64,
     trace: VecDeque<String>,
     /// Keep at most this many trace lines.
@@ -966,6 +976,7 @@ impl Sim {
             ledger: Ledger::default(),
             stats: Stats::default(),
             rng,
+            unannounced: false,
             seed,
             trace: VecDeque::new(),
             trace_len: 60,
@@ -1050,6 +1061,8 @@ impl Sim {
 
     /// Wakes the drainer.
     pub fn wake(&mut self, reason: WakeReason) {
+        // Any wake makes the drainer look at the store again.
+        self.unannounced = false;
         self.note(|| format!("wake {reason:?}"));
         self.input(Input::Wake(reason));
     }
@@ -1113,8 +1126,12 @@ impl Sim {
             !request.ops.is_empty() && request.ops.len() <= max_ops,
             || format!("request of {} ops", request.ops.len()),
         );
-        // Only due heads are sent, and only as the store has them.
+        // Only due heads are sent, and only as the store has them, and never past their max age.
         for op in &request.ops {
+            let max_age = self.config.limits_for(op.priority).max_age_ms;
+            self.ensure(now < op.created_at + max_age, || {
+                format!("seq {} sent past its max age", op.seq)
+            });
             if let Some(stored) = self.store.ops().find(|s| s.seq == op.seq && s.id == op.id) {
                 self.ensure(stored.next_attempt_at.is_some_and(|t| t <= now), || {
                     format!(
@@ -1233,6 +1250,22 @@ impl Sim {
 
     /// `enqueue(draft)`: stores the op, then wakes the drainer.
     pub fn enqueue(&mut self, draft: Draft) -> Result<Receipt, Refusal> {
+        self.enqueue_in(draft, true)
+    }
+
+    /// `enqueue(draft)` in another context (a popup, a content script): the op is stored, and
+    /// the drainer hears of it only when [`announce`](Self::announce) delivers the message.
+    pub fn enqueue_elsewhere(&mut self, draft: Draft) -> Result<Receipt, Refusal> {
+        self.enqueue_in(draft, false)
+    }
+
+    /// The runtime message of an enqueue in another context arrives.
+    pub fn announce(&mut self) {
+        self.wake(WakeReason::Message);
+        self.check();
+    }
+
+    fn enqueue_in(&mut self, draft: Draft, here: bool) -> Result<Receipt, Refusal> {
         let id = self.fresh_id();
         let now = self.now;
         let for_ledger = draft.clone();
@@ -1242,7 +1275,11 @@ impl Sim {
             Ok(receipt) => {
                 let accepted = self.ledger.accept(receipt, for_ledger, None);
                 self.ok(accepted);
-                self.wake(WakeReason::Enqueued);
+                if here {
+                    self.wake(WakeReason::Enqueued);
+                } else {
+                    self.unannounced = true;
+                }
             }
             Err(_) => self.stats.refused += 1,
         }
@@ -1399,7 +1436,17 @@ impl Sim {
     /// Runs `f` on the server and checks every op it applied meanwhile.
     fn on_server<T>(&mut self, f: impl FnOnce(&mut Server, Millis) -> T) -> T {
         let mark = self.server.log.len();
+        let out_of_order = self.server.out_of_order;
         let out = f(&mut self.server, self.now);
+        // An op goes out only as the head of its entity, with `prev` relinked past every op
+        // that left without effect: the server never has to wait for a predecessor.
+        self.ensure(self.server.out_of_order == out_of_order, || {
+            format!(
+                "the server answered out_of_order (seq, prev, last, entity) {:?}: an op was sent \
+                 before its predecessor took effect or was relinked past",
+                self.server.last_out_of_order
+            )
+        });
         for i in mark..self.server.log.len() {
             let applied = self.server.log[i].clone();
             if applied.client == self.client {
@@ -1743,7 +1790,7 @@ impl Sim {
     /// idle drainer leaves nothing due unsent (unless paused or the breaker is open).
     pub fn check_wake(&mut self) {
         let d = &self.drainer;
-        if !d.is_idle() || d.is_paused() || !d.breaker().is_closed() {
+        if !d.is_idle() || d.is_paused() || !d.breaker().is_closed() || self.unannounced {
             return;
         }
         self.stats.wake_checks += 1;
