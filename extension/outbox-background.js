@@ -15,6 +15,8 @@ const SYNC_TAG = 'outbox-sync';
 /** The runtime-message methods pages may call (see outbox-page.js). */
 const PAGE_METHODS = new Set(['enqueue', 'flush', 'stats', 'pending', 'deadLetters', 'retryDeadLetter',
   'discardDeadLetter', 'conflicts', 'resolveConflict']);
+/** The methods that may start a send (see `guard`). */
+const SENDING_METHODS = new Set(['enqueue', 'flush', 'retryDeadLetter', 'resolveConflict']);
 const EVENTS = ['delivered', 'retry-scheduled', 'dead-lettered', 'conflict', 'auth-required',
   'breaker-opened', 'breaker-closed', 'queue-full', 'drained', 'error'];
 
@@ -24,7 +26,19 @@ const EVENTS = ['delivered', 'retry-scheduled', 'dead-lettered', 'conflict', 'au
  */
 export function startOutbox(options) {
   const ports = new Set();
+  const leaseMs = 2 * (options.requestTimeoutMs ?? 5000) + 1000;
+  // The wasm arms the alarm when a drain goes idle, but a worker stopped mid-send never gets
+  // there, and nothing would wake it again. So before anything that may send (opening included:
+  // it resumes the queue), make sure an alarm is due once that send's lease (two request
+  // timeouts) has run out; the drain's own schedule then replaces it. A spare wake finds
+  // nothing due; a missing one strands the queue.
+  async function guard() {
+    const at = Date.now() + leaseMs;
+    const alarm = await ext.alarms.get(ALARM);
+    if (!alarm || alarm.scheduledTime > at) await ext.alarms.create(ALARM, { when: at });
+  }
   const ready = (async () => {
+    await guard();
     await init({ module_or_path: new URL('./pkg/outbox_bg.wasm', import.meta.url) });
     const outbox = await Outbox.open({ ...options, schedule });
     for (const name of EVENTS) {
@@ -36,7 +50,7 @@ export function startOutbox(options) {
     }
     return outbox;
   })();
-  const wake = (reason) => ready.then((outbox) => outbox.wake(reason));
+  const wake = (reason) => guard().then(() => ready).then((outbox) => outbox.wake(reason));
 
   ext.alarms.onAlarm.addListener((alarm) => { if (alarm.name === ALARM) wake('alarm'); });
   ext.runtime.onStartup.addListener(() => wake('start'));
@@ -66,9 +80,10 @@ export function startOutbox(options) {
 
   async function answer(ready, message) {
     const outbox = await ready;
-    if (message.outbox === 'finalState') return finalState(outbox, message.request);
+    if (message.outbox === 'finalState') return guard().then(() => finalState(outbox, message.args?.[0]));
     if (!PAGE_METHODS.has(message.outbox)) throw Object.assign(new Error(`unknown outbox method ${message.outbox}`), { code: 'INVALID_ARGUMENT' });
     registerSync();
+    if (SENDING_METHODS.has(message.outbox)) await guard();
     return outbox[message.outbox](...(message.args ?? []));
   }
 
