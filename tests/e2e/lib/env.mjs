@@ -1,0 +1,56 @@
+// A test's world: its own server, extension build, browser profile(s) and temporary directory,
+// all removed by `t.after` whether the test passes or fails.
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { buildDemo } from '../../../extension/demo/build.mjs';
+import { launch } from './chromium.mjs';
+import { PlaywrightPrPage } from './pr-page.mjs';
+import { Server } from './server.mjs';
+
+/** Sets who the reviewer is in a profile (the demo reads chrome.storage.local `reviewer`). */
+export async function setReviewer(browser, reviewer) {
+  const page = await browser.context.newPage();
+  await page.goto(browser.url('popup.html'));
+  await page.evaluate((reviewer) => chrome.storage.local.set({ reviewer }), reviewer);
+  await page.close();
+}
+
+/** The env of scenarios.mjs for one Chromium test. */
+export async function chromiumEnv(t) {
+  const dir = await mkdtemp(join(tmpdir(), 'outbox-e2e-'));
+  await mkdir(join(dir, 'server'));
+  const browsers = new Set();
+  let server;
+  t.after(async () => {
+    for (const browser of browsers) await browser.close().catch(() => {});
+    await server?.dispose();
+    await rm(dir, { recursive: true, force: true });
+  });
+  server = await Server.start({ dir: join(dir, 'server') });
+  const extension = await buildDemo({ out: join(dir, 'extension'), endpoint: server.url });
+  const start = async (profile) => {
+    const browser = await launch({ extension, profile: join(dir, profile) });
+    browsers.add(browser);
+    return browser;
+  };
+  let browser = await start('profile');
+  let next = 100;
+  return {
+    server,
+    extension,
+    get browser() { return browser; },
+    pr: () => next++,
+    openPr: (n) => PlaywrightPrPage.open(browser.context, server.url, n),
+    async relaunch() {
+      browsers.delete(browser);
+      await browser.close();
+      browser = await start('profile');
+    },
+    async otherProfile(reviewer) {
+      const other = await start(`profile-${reviewer}`);
+      await setReviewer(other, reviewer);
+      return other;
+    },
+  };
+}
