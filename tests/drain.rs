@@ -803,80 +803,35 @@ fn entity_order_holds_when_answers_come_back_out_of_order() {
 }
 
 #[test]
-fn a_replaced_op_is_never_dead_lettered_from_a_stale_window() {
+fn coalescing_never_replaces_a_head_the_drainer_holds() {
     let config = Config {
         max_in_flight: 1,
-        user: RetryLimits {
-            max_attempts: 8,
-            max_age_ms: 20 * SECOND,
-        },
         ..Config::default()
     };
     let config = with_kind(config, "title", ConflictPolicy::ServerWins, true);
     let mut sim = Sim::new(config, 21);
-    sim.script.extend([Fault::Status(500); 10]);
-    let mut other = draft(None, "comment", "{}");
-    other.priority = Priority::Background;
-    let other = sim.enqueue(other).unwrap();
-    for _ in 0..9 {
-        sim.deliver_all();
-        assert!(sim.advance_to_next_wake());
-    }
-    assert_eq!((sim.sent.len(), sim.flights.len()), (10, 1));
-    // The only request slot is taken: the new head waits in the drainer's window, unsent.
-    let created = sim.now;
-    let head = sim
-        .enqueue(draft(Some("pr/1"), "title", r#"{"t":1}"#))
-        .unwrap();
-    assert_eq!(sim.flights.len(), 1);
-    // The tenth failure opens the breaker; then a newer title replaces the unsent head.
-    sim.deliver_all();
-    assert!(!sim.drainer.breaker().is_closed());
-    let mut newer = draft(Some("pr/1"), "title", r#"{"t":2}"#);
-    newer.priority = Priority::Background;
-    let newer = sim.enqueue(newer).unwrap();
-    assert_eq!(newer.replaced, Some(head.id));
-    // The probe closes the breaker after the replaced head's max age.
-    assert!(sim.advance_to_next_wake());
-    assert!(sim.now > created + 20 * SECOND);
-    sim.deliver_all();
-    assert!(
-        sim.events_named("dead-lettered").is_empty(),
-        "a replaced op was dead-lettered"
-    );
-    let mut applied = sim.applied_seqs();
-    applied.sort();
-    assert_eq!(applied, [other.seq, newer.seq]);
-    sim.ledger.check_drained(&sim.store).unwrap();
-}
-
-#[test]
-fn an_op_replaced_in_another_context_vanishes_at_lease() {
-    let config = Config {
-        max_in_flight: 1,
-        ..Config::default()
-    };
-    let config = with_kind(config, "title", ConflictPolicy::ServerWins, true);
-    let mut sim = Sim::new(config, 22);
-    let first = sim.enqueue(draft(Some("pr/2"), "comment", "{}")).unwrap();
+    let other = sim.enqueue(draft(Some("pr/2"), "comment", "{}")).unwrap();
     // The only request slot is taken: the new head waits, unsent, in the drainer's window.
     let head = sim
         .enqueue(draft(Some("pr/1"), "title", r#"{"t":1}"#))
         .unwrap();
-    // A popup replaces it; its message has not reached the drainer yet.
-    let newer = sim
+    assert_eq!(sim.flights.len(), 1);
+    // A popup edits the title twice; the drainer hears of it later. The head is not replaced
+    // (the drainer would go on deciding on a copy that no longer exists); the tail is.
+    let behind = sim
         .enqueue_elsewhere(draft(Some("pr/1"), "title", r#"{"t":2}"#))
         .unwrap();
-    assert_eq!(newer.replaced, Some(head.id));
-    // The slot frees: the drainer picks its stale copy, and the lease refuses it.
-    sim.deliver(0);
-    assert_eq!(sim.stats.vanished, 1);
+    assert_eq!(behind.replaced, None);
+    let newest = sim
+        .enqueue_elsewhere(draft(Some("pr/1"), "title", r#"{"t":3}"#))
+        .unwrap();
+    assert_eq!(newest.replaced, Some(behind.id));
+    assert_eq!(stored(&sim, newest.seq).prev, head.seq);
+    sim.announce();
     sim.deliver_all();
-    assert!(
-        !sim.sent_seqs().contains(&head.seq),
-        "a replaced op was sent"
-    );
-    assert_eq!(sim.applied_seqs(), [first.seq, newer.seq]);
+    assert_eq!(sim.stats.vanished, 0, "nothing changed under the drainer");
+    assert!(!sim.sent_seqs().contains(&behind.seq));
+    assert_eq!(sim.applied_seqs(), [other.seq, head.seq, newest.seq]);
     sim.ledger.check_drained(&sim.store).unwrap();
 }
 

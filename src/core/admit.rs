@@ -53,7 +53,9 @@ pub struct Admission {
 /// The new op is the entity's head (due now) when no op on its entity is pending; otherwise it
 /// waits behind `tail`, with `prev = tail.seq`. A coalescing kind replaces a `tail` of the same
 /// kind that never left the device (no attempts), which is the only case where replacing cannot
-/// lose a write already on the wire.
+/// lose a write already on the wire, and that is not its entity's head: a drainer may hold the head
+/// in its window, and would go on deciding on a copy that no longer exists (a lease catches a
+/// send of it, but nothing would catch its expiry).
 pub fn admit(
     config: &Config,
     counters: &Counters,
@@ -85,7 +87,9 @@ pub fn admit(
         return Err(Refusal::OpTooLarge { size, max: max_op });
     }
     let replaces = tail
-        .filter(|t| t.kind == op.kind && t.attempts == 0 && config.kind(&op.kind).coalesce)
+        .filter(|t| {
+            t.kind == op.kind && t.attempts == 0 && !t.is_head() && config.kind(&op.kind).coalesce
+        })
         .cloned();
     match (&replaces, tail) {
         (Some(old), _) => {
@@ -212,7 +216,7 @@ mod tests {
             0,
         )
         .unwrap();
-        let merged = admit(
+        let behind = admit(
             &config,
             &head.counters,
             Some(&head.op),
@@ -221,19 +225,35 @@ mod tests {
             1,
         )
         .unwrap();
-        assert_eq!(merged.replaces.as_ref().map(|o| o.id), Some(id(1)));
-        assert_eq!(merged.op.next_attempt_at, Some(0));
-        assert_eq!(merged.counters.pending, 1);
+        assert_eq!(
+            behind.replaces, None,
+            "the head is never replaced: a drainer may hold it"
+        );
+        let merged = admit(
+            &config,
+            &behind.counters,
+            Some(&behind.op),
+            draft(Some("e"), "title"),
+            id(3),
+            2,
+        )
+        .unwrap();
+        assert_eq!(merged.replaces.as_ref().map(|o| o.id), Some(id(2)));
+        assert_eq!(
+            (merged.op.prev, merged.op.next_attempt_at),
+            (head.op.seq, None)
+        );
+        assert_eq!(merged.counters.pending, 2);
 
-        let mut sent = head.op.clone();
+        let mut sent = behind.op.clone();
         sent.attempts = 1;
         let queued = admit(
             &config,
-            &head.counters,
+            &behind.counters,
             Some(&sent),
             draft(Some("e"), "title"),
-            id(3),
-            1,
+            id(4),
+            2,
         )
         .unwrap();
         assert_eq!(
@@ -242,11 +262,11 @@ mod tests {
         );
         let other_kind = admit(
             &config,
-            &head.counters,
-            Some(&head.op),
+            &behind.counters,
+            Some(&behind.op),
             draft(Some("e"), "body"),
-            id(4),
-            1,
+            id(5),
+            2,
         )
         .unwrap();
         assert_eq!(other_kind.replaces, None);
