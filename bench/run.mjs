@@ -197,7 +197,7 @@ const results = {
       cpu: os.cpus()[0]?.model, cores: os.cpus().length, memoryGiB: round(os.totalmem() / 2 ** 30, 1),
       os: `${os.type()} ${os.release()}`, loadAverageAtStart: os.loadavg().map((x) => round(x)),
     },
-    chromium: await call(() => navigator.userAgent.match(/Chrome\/([\d.]+)/)?.[1]),
+    chromium: execFileSync('/usr/bin/chromium', ['--version'], { stdio: ['ignore', 'pipe', 'ignore'] }).toString().match(/[\d.]+/)?.[0],
     node: process.version,
     git: execFileSync('git', ['describe', '--always', '--dirty', '--abbrev=12'], { cwd: root }).toString().trim(),
     wasmSha256: crypto.createHash('sha256').update(fs.readFileSync(path.join(extension, 'pkg/outbox_bg.wasm'))).digest('hex'),
@@ -307,6 +307,10 @@ const enqueueMs = await call(async (n) => {
   return performance.now() - start;
 }, N.count);
 const enqueueCalls = await call(() => bench.instrument(false));
+await call(() => bench.instrument(true));
+await call((n) => bench.rawPut('count-floor', 0, n, 'strict'), N.count);
+const floorCalls = await call(() => bench.instrument(false));
+await call(() => bench.deleteDatabase('count-floor'));
 await call(() => bench.close('count-enqueue'));
 await call(() => bench.deleteDatabase('count-enqueue'));
 await call((s) => bench.open(s, 'count-drain'), server);
@@ -327,11 +331,12 @@ results.calls = {
   msPerDeliveredOp: { wall: countDrain.ms / countDrain.delivered, ...per(drainCalls.durations, countDrain.delivered) },
   // Transactions grouped by the kinds of request they made: how many, ms each, requests each.
   enqueueTransactions: shapes(enqueueCalls.shapes),
+  floorTransactions: shapes(floorCalls.shapes),
   drainTransactions: shapes(drainCalls.shapes),
 };
 function shapes(found) {
   return Object.fromEntries(Object.entries(found).map(([shape, t]) => [shape, {
-    transactions: t.transactions, msEach: t.ms / t.transactions,
+    transactions: t.transactions, msEach: t.ms / t.transactions, msToCommitEach: t.msToCommit / t.transactions,
     requestsEach: Object.fromEntries(Object.entries(t.requests).map(([k, v]) => [k, round(v / t.transactions, 1)])),
   }]));
 }
@@ -438,7 +443,7 @@ md.push(table(['what', 'raw', 'gzip', 'ratio'], [
 ]));
 md.push('', '**Targets**', '');
 md.push(table(['target', 'measured', 'met'], results.targets.map((t) => [t.target, t.bytes ? `${int(t.measured)} B` : ratio(t.measured), t.met ? 'yes' : '**no**']), 1));
-const callRow = (calls) => Object.entries(calls).map(([k, v]) => `${k} ${round(v, 3)}`).join(", ");
+const callRow = (calls) => Object.entries(calls).map(([k, v]) => `${k} ${v > 0 && v < 0.001 ? '<0.001' : round(v, 3)}`).join(', ');
 md.push('', `**Calls per op**: ${int(N.count)} enqueues on an empty queue, then the delivery of ${int(N.drain)} queued ops as in the drain line, counted by wrapping the IndexedDB prototypes and fetch`, '');
 md.push(table(['path', 'calls'], [
   ['`enqueue()`, per call', callRow(results.calls.perEnqueue)],
@@ -448,10 +453,12 @@ md.push(table(['path', 'calls'], [
   ['outbox cold start, until ready', callRow(results.coldCalls.outbox)],
   ['Workbox cold start, until ready', callRow(results.coldCalls.workbox)],
 ], 2));
-md.push('', 'Transactions by the requests they made (mode, durability: request kinds), with how many there were, ms each from begin to complete, and requests each:', '');
-md.push(table(['path', 'transaction', 'count', 'ms each', 'requests each'], [
-  ...Object.entries(results.calls.enqueueTransactions).map(([shape, t]) => ['`enqueue()`', shape.split(':')[0], int(t.transactions), ms(t.msEach), callRow(t.requestsEach)]),
-  ...Object.entries(results.calls.drainTransactions).map(([shape, t]) => ['delivery', shape.split(':')[0], int(t.transactions), ms(t.msEach), callRow(t.requestsEach)]),
+md.push('', 'Transactions grouped by the requests they made: how many, ms each from begin to complete, the part of it until `commit()` was called (the requests and the work between them; the rest is the commit), and requests each:', '');
+const txRow = (path) => ([shape, t]) => [path, shape.split(':')[0].replace('transaction ', ''), int(t.transactions), ms(t.msEach), ms(t.msToCommitEach), callRow(t.requestsEach)];
+md.push(table(['path', 'transaction', 'count', 'ms each', 'of which until commit()', 'requests each'], [
+  ...Object.entries(results.calls.enqueueTransactions).map(txRow('`enqueue()`')),
+  ...Object.entries(results.calls.floorTransactions).map(txRow('raw put (the floor)')),
+  ...Object.entries(results.calls.drainTransactions).map(txRow('delivery')),
 ], 2));
 md.push('', `**IndexedDB request patterns** in this worker, ms per record, commit included (${Math.min(100, N.enqueue)} records of the floor's store per transaction, p50 of 5 runs)`, '');
 md.push(table(['pattern', 'ms per record'], Object.entries(results.requestPatterns).map(([name, t]) => [name, ms(t.p50)])));

@@ -25,6 +25,7 @@ let counts = {};
 let durations = {}; // ms summed over transactions and fetches while instrumented
 let shapes = {}; // transactions grouped by mode, durability and the kinds of request they made
 const transactionRequests = new WeakMap();
+const commits = new WeakMap(); // transaction -> when commit() was called
 
 async function loadWasm() {
   wasm ??= await init({ module_or_path: WASM_URL });
@@ -286,6 +287,7 @@ const bench = {
         created_at: Date.now(), attempts: 0, failures: 0, solo: false,
         ...(i < ENTITIES ? { next_attempt_at: Date.now() } : {}),
       });
+      tx.commit(); // as the outbox does: no wait for the auto-commit
       await transactionDone(tx);
       times[k] = performance.now() - start;
     }
@@ -431,10 +433,15 @@ const bench = {
             transactionRequests.set(result, made);
             const done = () => {
               took();
+              const end = performance.now();
+              const commitAt = commits.get(result) ?? end;
               const shape = `${key}: ${Object.keys(made).sort().join(' ')}`;
-              const entry = (shapes[shape] ??= { transactions: 0, ms: 0, requests: {} });
+              const entry = (shapes[shape] ??= { transactions: 0, ms: 0, msToCommit: 0, requests: {} });
               entry.transactions++;
-              entry.ms += performance.now() - start;
+              entry.ms += end - start;
+              // Until commit() was called (the requests and the work between them), or until
+              // complete when the transaction committed on its own.
+              entry.msToCommit += commitAt - start;
               for (const [request, n] of Object.entries(made)) entry.requests[request] = (entry.requests[request] ?? 0) + n;
             };
             result.addEventListener('complete', done);
@@ -456,6 +463,12 @@ const bench = {
     wrap(IDBCursor.prototype, 'cursor', ['continue', 'advance']);
     wrap(globalThis, 'global', ['fetch']);
     wrap(IDBFactory.prototype, 'indexedDB', ['open']);
+    const commit = IDBTransaction.prototype.commit;
+    patched.push([IDBTransaction.prototype, 'commit', commit]);
+    IDBTransaction.prototype.commit = function () {
+      commits.set(this, performance.now());
+      return commit.call(this);
+    };
     return null;
   },
 };
