@@ -15,8 +15,8 @@ const SYNC_TAG = 'outbox-sync';
 /** The runtime-message methods pages may call (see outbox-page.js). */
 const PAGE_METHODS = new Set(['enqueue', 'flush', 'stats', 'pending', 'deadLetters', 'retryDeadLetter',
   'discardDeadLetter', 'conflicts', 'resolveConflict']);
-/** The methods that may start a send (see `guard`). */
-const SENDING_METHODS = new Set(['enqueue', 'flush', 'retryDeadLetter', 'resolveConflict']);
+/** The page methods that queue an op, so a send follows (see `guard`). */
+const QUEUEING_METHODS = new Set(['enqueue', 'retryDeadLetter', 'resolveConflict']);
 const EVENTS = ['delivered', 'retry-scheduled', 'dead-lettered', 'conflict', 'auth-required',
   'breaker-opened', 'breaker-closed', 'queue-full', 'drained', 'error'];
 
@@ -27,18 +27,20 @@ const EVENTS = ['delivered', 'retry-scheduled', 'dead-lettered', 'conflict', 'au
 export function startOutbox(options) {
   const ports = new Set();
   const leaseMs = 2 * (options.requestTimeoutMs ?? 5000) + 1000;
-  // The wasm arms the alarm when a drain goes idle, but a worker stopped mid-send never gets
-  // there, and nothing would wake it again. So before anything that may send (opening included:
-  // it resumes the queue), make sure an alarm is due once that send's lease (two request
-  // timeouts) has run out; the drain's own schedule then replaces it. A spare wake finds
-  // nothing due; a missing one strands the queue.
+  // The wasm arms the alarm when a drain goes idle. A worker stopped mid-send never gets there,
+  // and a drain that ends just as an op is queued can miss that op (its wake is lost; seen in
+  // Firefox). Either strands the queue until the next event. So while ops wait to be sent, an
+  // alarm is due by the time a send's lease (two request timeouts) runs out; the drain's own
+  // schedule may move it sooner, not later (see `schedule`). Guarding only while ops are pending
+  // keeps an idle extension asleep; the cost is one spare wake after a burst of work.
   async function guard() {
     const at = Date.now() + leaseMs;
+    guardUntil = at;
     const alarm = await ext.alarms.get(ALARM);
     if (!alarm || alarm.scheduledTime > at) await ext.alarms.create(ALARM, { when: at });
   }
+  const guardIfPending = async (outbox) => { if ((await outbox.stats()).pending > 0) await guard(); };
   const ready = (async () => {
-    await guard();
     await init({ module_or_path: new URL('./pkg/outbox_bg.wasm', import.meta.url) });
     const outbox = await Outbox.open({ ...options, schedule });
     for (const name of EVENTS) {
@@ -48,9 +50,13 @@ export function startOutbox(options) {
         ports.forEach((port) => port.postMessage({ event: plain }));
       });
     }
+    await guardIfPending(outbox); // open resumes the queue
     return outbox;
   })();
-  const wake = (reason) => guard().then(() => ready).then((outbox) => outbox.wake(reason));
+  const wake = (reason) => ready.then(async (outbox) => {
+    await guardIfPending(outbox);
+    return outbox.wake(reason);
+  });
 
   ext.alarms.onAlarm.addListener((alarm) => { if (alarm.name === ALARM) wake('alarm'); });
   ext.runtime.onStartup.addListener(() => wake('start'));
@@ -83,7 +89,8 @@ export function startOutbox(options) {
     if (message.outbox === 'finalState') return guard().then(() => finalState(outbox, message.args?.[0]));
     if (!PAGE_METHODS.has(message.outbox)) throw Object.assign(new Error(`unknown outbox method ${message.outbox}`), { code: 'INVALID_ARGUMENT' });
     registerSync();
-    if (SENDING_METHODS.has(message.outbox)) await guard();
+    if (QUEUEING_METHODS.has(message.outbox)) await guard();
+    else if (message.outbox === 'flush') await guardIfPending(outbox);
     return outbox[message.outbox](...(message.args ?? []));
   }
 
@@ -98,10 +105,15 @@ export function startOutbox(options) {
   }
 }
 
+/** The deadline of the last guard (see startOutbox); it stands until it passes. */
+let guardUntil = 0;
+
 // chrome.alarms survive the service worker; the outbox asks for one at its next wake-up.
 function schedule(at) {
-  if (at == null) return void ext.alarms.clear(ALARM);
-  ext.alarms.create(ALARM, { when: Math.max(at, Date.now() + 100) });
+  const guarded = guardUntil > Date.now() ? guardUntil : null;
+  const when = at == null ? guarded : Math.min(at, guarded ?? at);
+  if (when == null) return void ext.alarms.clear(ALARM);
+  ext.alarms.create(ALARM, { when: Math.max(when, Date.now() + 100) });
 }
 
 // Registering needs an open extension page in Chrome (it rejects otherwise); Firefox has no
