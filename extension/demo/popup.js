@@ -9,6 +9,7 @@ const $ = (id) => document.getElementById(id);
 // The PR whose summary this popup edits: ?pr=N, else the demo's PR #17.
 const ENTITY = `pr/${new URLSearchParams(location.search).get('pr') ?? 17}`;
 let nextAttemptAt = null;
+let hold = null;
 
 function text(tag, content, className) {
   const node = document.createElement(tag);
@@ -42,6 +43,8 @@ function describe(op) {
 function showStats(stats) {
   $('pending').textContent = stats.pending;
   $('in-flight').textContent = stats.inFlight;
+  // While paused or cut off by the breaker, the next attempt is not a time but a condition.
+  hold = stats.paused ? 'after a new token' : stats.breaker.state !== 'closed' ? 'after the probe' : null;
   nextAttemptAt = stats.nextAttemptAt;
   tick();
   const breaker = stats.breaker;
@@ -55,6 +58,7 @@ function showStats(stats) {
 }
 
 function tick() {
+  if (hold) return void ($('next-retry').textContent = hold);
   const wait = nextAttemptAt == null ? null : Math.max(0, nextAttemptAt - Date.now());
   $('next-retry').textContent = wait == null ? '—' : wait < 1000 ? 'now' : `in ${Math.ceil(wait / 1000)} s`;
 }
@@ -62,7 +66,7 @@ function tick() {
 function showQueue(ops) {
   $('queue').replaceChildren(...ops.map((op) => {
     const item = text('li', describe(op));
-    if (op.attempts) item.append(text('span', ` · ${op.attempts} attempts`, 'dim'));
+    if (op.attempts) item.append(text('span', ` · ${op.attempts} attempt${op.attempts === 1 ? '' : 's'}`, 'dim'));
     if (op.lastError) item.append(text('div', op.lastError, 'dim'));
     return item;
   }));

@@ -28,10 +28,15 @@ export const absorbed = (e) => e.replayed === true || e.status === 'duplicate';
  * exactly once. Returns the entries of `ops`.
  */
 export async function deliveredOnce(server, ops, { timeout = 45_000, what = 'delivery' } = {}) {
+  let seen = [];
   const entries = await until(async () => {
-    const entries = entriesOf(await server.log(), ops);
-    return ops.every((op) => entriesOfOp(entries, op).some(tookEffect)) && entries;
-  }, { timeout, what: `${what}: ${ops.length} ops to take effect on the server` });
+    seen = entriesOf(await server.log(), ops);
+    return ops.every((op) => entriesOfOp(seen, op).some(tookEffect)) && seen;
+  }, { timeout, what: `${what}: ${ops.length} ops to take effect on the server` }).catch((error) => {
+    // Say what did arrive, which tells a stuck client from a refusing server.
+    error.message += `\nops: ${JSON.stringify(ops)}\ntheir log entries: ${JSON.stringify(seen)}`;
+    throw error;
+  });
   for (const op of ops) {
     assert.equal(entriesOfOp(entries, op).filter(tookEffect).length, 1,
       `${op.kind} ${op.id} took effect more than once: ${JSON.stringify(entriesOfOp(entries, op))}`);

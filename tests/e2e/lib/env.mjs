@@ -5,7 +5,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { buildDemo } from '../../../extension/demo/build.mjs';
 import { launch } from './chromium.mjs';
-import { PlaywrightPrPage } from './pr-page.mjs';
+import { Firefox } from './firefox.mjs';
+import { PlaywrightPrPage, WebDriverPrPage } from './pr-page.mjs';
 import { Server } from './server.mjs';
 
 /** Sets who the reviewer is in a profile (the demo reads chrome.storage.local `reviewer`). */
@@ -52,5 +53,30 @@ export async function chromiumEnv(t) {
       await setReviewer(other, reviewer);
       return other;
     },
+  };
+}
+
+/** The env of scenarios.mjs for one Firefox test: the demo as a temporary add-on, event page background. */
+export async function firefoxEnv(t) {
+  const dir = await mkdtemp(join(tmpdir(), 'outbox-e2e-firefox-'));
+  await mkdir(join(dir, 'server'));
+  let server;
+  let firefox;
+  t.after(async () => {
+    await firefox?.close();
+    await server?.dispose();
+    await rm(dir, { recursive: true, force: true });
+  });
+  server = await Server.start({ dir: join(dir, 'server') });
+  const extension = await buildDemo({ out: join(dir, 'extension'), endpoint: server.url, browser: 'firefox' });
+  firefox = await Firefox.start({ dir });
+  await firefox.installTemporary(extension);
+  let next = 100;
+  return {
+    server,
+    extension,
+    firefox,
+    pr: () => next++,
+    openPr: (n) => WebDriverPrPage.open(firefox, server.url, n),
   };
 }

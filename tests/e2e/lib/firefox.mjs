@@ -3,6 +3,8 @@
 // background runs as an event page. The driver cannot open moz-extension:// pages, so Firefox
 // runs are driven from the fixture PR page.
 import { spawn } from 'node:child_process';
+import { createWriteStream } from 'node:fs';
+import { readFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -18,6 +20,11 @@ export class Firefox {
       { stdio: ['ignore', 'pipe', 'pipe'] });
     firefox.driver = driver;
     firefox.exited = new Promise((resolve) => driver.once('exit', resolve));
+    // Everything geckodriver and Firefox print, the extension's console included (see prefs).
+    firefox.logPath = join(dir, 'firefox.log');
+    const log = createWriteStream(firefox.logPath);
+    driver.stdout.pipe(log);
+    driver.stderr.pipe(log);
     const port = await new Promise((resolve, reject) => {
       const lines = createInterface({ input: driver.stdout });
       lines.on('line', (line) => {
@@ -31,7 +38,9 @@ export class Firefox {
     const session = await firefox.#call('POST', '/session', { capabilities: { alwaysMatch: {
       browserName: 'firefox',
       'moz:firefoxOptions': { binary: FIREFOX, args: ['-headless'],
-        prefs: { 'browser.shell.checkDefaultBrowser': false, 'datareporting.policy.dataSubmissionEnabled': false } },
+        prefs: { 'browser.shell.checkDefaultBrowser': false, 'datareporting.policy.dataSubmissionEnabled': false,
+          // Console messages, the add-on's included, go to stdout, hence to firefox.log.
+          'devtools.console.stdout.chrome': true, 'devtools.console.stdout.content': true } },
     } } });
     firefox.session = `/session/${session.sessionId}`;
     return firefox;
@@ -72,6 +81,12 @@ export class Firefox {
     const element = await this.#call('POST', `${this.session}/element`, { using: 'css selector', value: selector });
     const id = Object.values(element)[0];
     await this.#call('POST', `${this.session}/element/${id}/value`, { text });
+  }
+
+  /** The last `lines` lines of firefox.log, for a failure report. */
+  async logTail(lines = 60) {
+    const text = await readFile(this.logPath, 'utf8').catch(() => '');
+    return text.split('\n').slice(-lines).join('\n');
   }
 
   /** Ends the session (Firefox exits) and stops geckodriver. Safe to call twice. */

@@ -3,7 +3,7 @@
 // delivery.mjs), so the end-to-end tests and `make demo` run the very same code.
 //
 // `env` is what a scenario may use:
-//   server             url, log(), faults(...), clearFaults(), entity(id), metrics();
+//   server             url, log(), faults(...), clearFaults(), entity(id), faultsInjected(kind)
 //                      stop() and restart() where the caller owns the process
 //   pr()               a PR number no other scenario uses
 //   openPr(n)          the PR page in the main browser (a PrPage, see pr-page.mjs)
@@ -23,13 +23,6 @@ async function retrying(page, count) {
     const badge = await page.badge();
     return badge.startsWith(`outbox: ${count} pending`) && badge.includes('retrying') && badge;
   }, { what: `the badge to show ${count} ops pending after a failed attempt` });
-}
-
-/** How many faults of `kind` the server has injected so far (from /metrics). */
-async function faultsInjected(server, kind) {
-  const text = await (await fetch(`${server.url}/metrics`)).text();
-  const line = text.split('\n').find((l) => l.startsWith(`outbox_faults_injected_total{kind="${kind}"}`));
-  return line ? Number(line.split(' ').at(-1)) : 0;
 }
 
 export async function normalSync(env) {
@@ -69,6 +62,12 @@ export async function offlineThenOnline(env) {
     await page.approve();
     ops = await page.queued();
     await retrying(page, ops.length);
+    if (env.screenshot) {
+      const popup = await env.browser.popup();
+      await popup.locator(`body[data-pending="${ops.length}"]`).waitFor();
+      await env.screenshot(popup, 'offline');
+      await popup.close();
+    }
     assert.equal(entriesOf(await env.server.log(), ops).length, 0, 'nothing reached the server while offline');
   } finally {
     await env.browser.setOffline(false);
@@ -163,13 +162,13 @@ export async function lostAcknowledgement(env) {
 
 export async function workerKilledMidSend(env) {
   const page = await env.openPr(env.pr());
-  const before = await faultsInjected(env.server, 'delay');
+  const before = await env.server.faultsInjected('delay');
   await env.server.faults({ route: 'ops', tenant: 'demo', times: 1, action: { delay_ms: 2000 } });
   await page.view('src/upload.rs');
   await page.view('README.md');
   const ops = await page.queued();
   // The first request is on the server, held by the delay: the worker is mid-send.
-  await until(async () => (await faultsInjected(env.server, 'delay')) > before,
+  await until(async () => (await env.server.faultsInjected('delay')) > before,
     { what: 'the first request to reach the server' });
   const killed = Date.now();
   await env.browser.stopServiceWorkers();

@@ -20,7 +20,53 @@ const BIN = process.env.OUTBOX_SERVER_BIN ?? join(REPO, 'target/release/outbox-s
 export const SERVER_FLAGS = ['--token', `${TENANT}=${TOKEN}`, '--token', `${TENANT}=${RENEWED_TOKEN}`,
   '--admin-token', ADMIN, '--demo-pages', join(REPO, 'extension/demo/site')];
 
-export class Server {
+/** The HTTP side of a running server: admin log, scripted faults, entities, metrics. */
+export class ServerClient {
+  constructor(url, admin = ADMIN) {
+    this.url = url;
+    this.admin = admin;
+  }
+
+  async log() {
+    return (await this.#admin('GET', `/v1/admin/log?tenant=${TENANT}`)).json();
+  }
+
+  async faults(...rules) {
+    await this.#admin('POST', '/v1/admin/faults', { rules });
+  }
+
+  async clearFaults() {
+    await this.#admin('DELETE', '/v1/admin/faults');
+  }
+
+  /** GET /v1/entities/{id} as the demo tenant; `null` when it does not exist. */
+  async entity(id) {
+    const response = await fetch(`${this.url}/v1/entities/${id}`, { headers: { authorization: `Bearer ${TOKEN}` } });
+    if (response.status === 404) return null;
+    if (!response.ok) throw new Error(`GET entity ${id}: ${response.status}`);
+    return response.json();
+  }
+
+  /** How many faults of `kind` the server has injected so far (from /metrics). */
+  async faultsInjected(kind) {
+    const text = await (await fetch(`${this.url}/metrics`)).text();
+    const line = text.split('\n').find((l) => l.startsWith(`outbox_faults_injected_total{kind="${kind}"}`));
+    return line ? Number(line.split(' ').at(-1)) : 0;
+  }
+
+  async #admin(method, path, body) {
+    const response = await fetch(`${this.url}${path}`, {
+      method,
+      headers: { authorization: `Bearer ${this.admin}`, ...(body && { 'content-type': 'application/json' }) },
+      body: body && JSON.stringify(body),
+    });
+    if (!response.ok) throw new Error(`${method} ${path}: ${response.status} ${await response.text()}`);
+    return response;
+  }
+}
+
+/** A server process of this test's own (start, stop, restart on the same port and database). */
+export class Server extends ServerClient {
   /** Starts a server. `port` 0 picks a free one; `restart()` keeps the port and the database. */
   static async start({ flags = [], port = 0, dir } = {}) {
     const server = new Server();
@@ -78,37 +124,7 @@ export class Server {
     if (this.ownsDir) await rm(this.dir, { recursive: true, force: true });
   }
 
-  async log() {
-    return (await this.#admin('GET', `/v1/admin/log?tenant=${TENANT}`)).json();
-  }
-
-  async faults(...rules) {
-    await this.#admin('POST', '/v1/admin/faults', { rules });
-  }
-
-  async clearFaults() {
-    await this.#admin('DELETE', '/v1/admin/faults');
-  }
-
-  /** GET /v1/entities/{id} as the demo tenant; `null` when it does not exist. */
-  async entity(id) {
-    const response = await fetch(`${this.url}/v1/entities/${id}`, { headers: { authorization: `Bearer ${TOKEN}` } });
-    if (response.status === 404) return null;
-    if (!response.ok) throw new Error(`GET entity ${id}: ${response.status}`);
-    return response.json();
-  }
-
   async stderr() {
     return readFile(this.logPath, 'utf8').catch(() => '');
-  }
-
-  async #admin(method, path, body) {
-    const response = await fetch(`${this.url}${path}`, {
-      method,
-      headers: { authorization: `Bearer ${ADMIN}`, ...(body && { 'content-type': 'application/json' }) },
-      body: body && JSON.stringify(body),
-    });
-    if (!response.ok) throw new Error(`${method} ${path}: ${response.status} ${await response.text()}`);
-    return response;
   }
 }
