@@ -137,7 +137,7 @@ async function refresh() {
 function summarize(event) {
   switch (event.type) {
     case 'delivered': return `${event.kind} on ${event.entity} delivered (v${event.version})${event.duplicate ? ', a duplicate' : ''}`;
-    case 'retry-scheduled': return `retry in ${(event.delayMs / 1000).toFixed(1)} s: ${event.error}`;
+    case 'retry-scheduled': return `retry in ${event.delayMs < 1000 ? `${event.delayMs} ms` : `${(event.delayMs / 1000).toFixed(1)} s`}: ${event.error}`;
     case 'dead-lettered': return `${event.kind} failed for good: ${event.reason}`;
     case 'conflict': return `${event.kind} on ${event.entity} conflicts with v${event.serverVersion} (${event.resolution})`;
     case 'auth-required': return 'the server refused the token; paused';

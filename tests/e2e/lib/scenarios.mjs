@@ -44,11 +44,18 @@ export async function normalSync(env) {
 
 export async function retryAfterFailures(env) {
   const page = await env.openPr(env.pr());
+  // The demo watches this one in the popup, whose activity list shows the retries.
+  const popup = env.screenshot && await env.browser.popup();
   await env.server.faults({ route: 'ops', tenant: 'demo', times: 2, action: { status: 503 } });
   await page.comment('Retried until the server takes it.');
   const ops = await page.queued();
   const entries = await deliveredOnce(env.server, ops);
   assert.deepEqual(entries.map((e) => e.http), [503, 503, 200], 'two 503s, then the op applied');
+  if (popup) {
+    await popup.locator('#activity li', { hasText: 'delivered' }).waitFor();
+    await env.screenshot(popup, 'retried');
+    await popup.close();
+  }
   return { ...measure(entries, ops), note: '503, 503, then applied' };
 }
 
