@@ -59,9 +59,10 @@ impl BreakerConfig {
     }
 }
 
-/// The breaker's persisted state.
+/// The breaker's persisted state. (Externally tagged on purpose: an internally tagged enum makes
+/// serde buffer the input, which costs kilobytes of wasm for one small record.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case")]
 pub enum Breaker {
     /// Requests flow. `failures` holds one bit per remembered call (1 = failed), newest lowest.
     Closed {

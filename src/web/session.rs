@@ -133,20 +133,10 @@ pub struct Shared {
     refused: RefCell<Option<Option<String>>>,
 }
 
-/// A broadcast between contexts of the same outbox.
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(tag = "type", rename_all = "kebab-case")]
-enum Message {
-    /// Someone enqueued or was woken but could not take the lock: the holder should load.
-    Wake,
-    /// An event emitted by the draining context, for listeners everywhere.
-    Event {
-        /// The event's name, for dispatch.
-        name: String,
-        /// The event as JSON.
-        event: Box<serde_json::value::RawValue>,
-    },
-}
+/// What contexts of the same outbox broadcast to each other: this word, for "someone enqueued
+/// or was woken but could not take the lock, so the holder should load"; or an event's JSON, for
+/// listeners everywhere. Plain strings, parsed by the browser's own JSON.
+const WAKE_MESSAGE: &str = "wake";
 
 impl Shared {
     /// Puts together an outbox around an open store.
@@ -186,19 +176,18 @@ impl Shared {
         let weak: Weak<Self> = Rc::downgrade(self);
         let on_message = Closure::<dyn Fn(MessageEvent)>::new(move |event: MessageEvent| {
             let Some(this) = weak.upgrade() else { return };
-            let text = event.data().as_string().unwrap_or_default();
-            match serde_json::from_str::<Message>(&text) {
-                Ok(Message::Wake) => {
-                    if let Some(drain) = this.wake(WakeReason::Message) {
-                        wasm_bindgen_futures::spawn_local(drain);
-                    }
+            let Some(text) = event.data().as_string() else {
+                return;
+            };
+            if text == WAKE_MESSAGE {
+                this.spawn_wake(WakeReason::Message);
+            } else if let Ok(value) = js_sys::JSON::parse(&text) {
+                let name = js_sys::Reflect::get(&value, &"type".into())
+                    .ok()
+                    .and_then(|n| n.as_string());
+                if let Some(name) = name {
+                    this.listeners.dispatch(&name, &value);
                 }
-                Ok(Message::Event { name, event }) => {
-                    if let Ok(value) = js_sys::JSON::parse(event.get()) {
-                        this.listeners.dispatch(&name, &value);
-                    }
-                }
-                Err(_) => {}
             }
         });
         channel.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
@@ -207,13 +196,10 @@ impl Shared {
         *self.channel.borrow_mut() = Some(channel);
     }
 
-    fn broadcast(&self, message: &Message) {
-        if let (Some(channel), Ok(text)) = (
-            self.channel.borrow().as_ref(),
-            serde_json::to_string(message),
-        ) {
+    fn broadcast(&self, message: &str) {
+        if let Some(channel) = self.channel.borrow().as_ref() {
             // Posting fails only if the channel is closed, and then nobody is listening.
-            let _ = channel.post_message(&text.into());
+            let _ = channel.post_message(&message.into());
         }
     }
 
@@ -237,16 +223,13 @@ impl Shared {
 
     /// Emits an event to local listeners and to the other contexts.
     pub fn emit(&self, event: &Event) {
-        let Ok(json) = serde_json::value::to_raw_value(event) else {
+        let Ok(json) = serde_json::to_string(event) else {
             return;
         };
-        if let Ok(value) = js_sys::JSON::parse(json.get()) {
+        if let Ok(value) = js_sys::JSON::parse(&json) {
             self.listeners.dispatch(event.name(), &value);
         }
-        self.broadcast(&Message::Event {
-            name: event.name().into(),
-            event: json,
-        });
+        self.broadcast(&json);
     }
 
     fn report(&self, error: &Error) {
@@ -310,7 +293,7 @@ impl Shared {
         if !ran {
             self.starting.set(self.starting.get() - 1);
             // Another context drains; make sure it looks at the store again.
-            self.broadcast(&Message::Wake);
+            self.broadcast(WAKE_MESSAGE);
             self.wake_pending.set(false);
         }
         self.ending.set(false);
