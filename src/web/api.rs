@@ -62,7 +62,7 @@ export interface QueuedOp {
   baseVersion: number | null; priority: "user" | "background"; createdAt: number;
   attempts: number; failures: number; nextAttemptAt: number | null; lastError: string | null;
 }
-export interface DeadLetter { op: QueuedOp; reason: string; status: number | null; cause: "rejected" | "exhausted" | "expired"; at: number }
+export interface DeadLetter { op: QueuedOp; reason: string; status: number | null; cause: "rejected" | "exhausted" | "expired" | "ambiguous"; at: number }
 export interface Conflict { op: QueuedOp; serverVersion: number | null; serverState: unknown; at: number }
 export interface Stats {
   client: string; pending: number; bytes: number; deadLetters: number; conflicts: number;
