@@ -67,6 +67,44 @@ pub trait QueueTxn {
     async fn put_breaker(&mut self, breaker: &Breaker) -> Result<(), Self::Error>;
     /// Persists whether delivery is paused for credentials.
     async fn put_paused(&mut self, paused: bool) -> Result<(), Self::Error>;
+
+    /// [`get_op`](Self::get_op) for each of `seqs`, in order. A store that can have several
+    /// reads in flight (IndexedDB can) should issue them together: a batch then costs about
+    /// one round trip instead of one per op.
+    async fn get_ops(&mut self, seqs: &[u64]) -> Result<Vec<Option<Op>>, Self::Error> {
+        let mut found = Vec::with_capacity(seqs.len());
+        for &seq in seqs {
+            found.push(self.get_op(seq).await?);
+        }
+        Ok(found)
+    }
+
+    /// [`next_on_entity`](Self::next_on_entity) for each `(entity, after)`, in order; issued
+    /// together where the store can.
+    async fn next_on_entities(
+        &mut self,
+        keys: &[(&str, u64)],
+    ) -> Result<Vec<Option<Op>>, Self::Error> {
+        let mut found = Vec::with_capacity(keys.len());
+        for &(entity, after) in keys {
+            found.push(self.next_on_entity(entity, after).await?);
+        }
+        Ok(found)
+    }
+
+    /// The counters and, for an entity, its [`last_on_entity`](Self::last_on_entity): what
+    /// admission reads. Issued together where the store can.
+    async fn counters_and_last(
+        &mut self,
+        entity: Option<&str>,
+    ) -> Result<(Counters, Option<Op>), Self::Error> {
+        let counters = self.counters().await?;
+        let last = match entity {
+            Some(entity) => self.last_on_entity(entity).await?,
+            None => None,
+        };
+        Ok((counters, last))
+    }
 }
 
 /// A change the drainer asks to persist.
@@ -126,11 +164,7 @@ pub async fn enqueue<T: QueueTxn>(
     id: OpId,
     now: Millis,
 ) -> Result<Receipt, T::Error> {
-    let counters = txn.counters().await?;
-    let tail = match &draft.entity {
-        Some(entity) => txn.last_on_entity(entity).await?,
-        None => None,
-    };
+    let (counters, tail) = txn.counters_and_last(draft.entity.as_deref()).await?;
     let admission = admit(config, &counters, tail.as_ref(), draft, id, now)?;
     if let Some(old) = &admission.replaces {
         txn.delete_op(old.seq).await?;
@@ -149,9 +183,11 @@ pub async fn enqueue<T: QueueTxn>(
 /// loaded. Returns the `seq`s of ops that changed underneath (replaced by coalescing, or taken
 /// by another drainer); they must not be sent.
 pub async fn lease<T: QueueTxn>(txn: &mut T, ops: &[Op]) -> Result<Vec<u64>, T::Error> {
+    let seqs: Vec<u64> = ops.iter().map(|op| op.seq).collect();
+    let stored = txn.get_ops(&seqs).await?;
     let mut vanished = Vec::new();
-    for op in ops {
-        match txn.get_op(op.seq).await? {
+    for (op, stored) in ops.iter().zip(stored) {
+        match stored {
             Some(stored) if stored.id == op.id && stored.attempts + 1 == op.attempts => {
                 txn.put_op(op).await?;
             }
@@ -161,29 +197,50 @@ pub async fn lease<T: QueueTxn>(txn: &mut T, ops: &[Op]) -> Result<Vec<u64>, T::
     Ok(vanished)
 }
 
-/// Persists the drainer's writes.
+/// Persists the drainer's writes. Everything it must read (the stored copy of each finishing
+/// op, each entity's next op, the counters) is read first, in batches, then everything is written.
 pub async fn apply<T: QueueTxn>(
     txn: &mut T,
     writes: &[Write],
     now: Millis,
 ) -> Result<(), T::Error> {
+    let finishing: Vec<&Op> = writes
+        .iter()
+        .filter_map(|write| match write {
+            Write::Finish { op, .. } => Some(op),
+            _ => None,
+        })
+        .collect();
     let mut counters = None;
+    let (mut stored, mut successors) = (Vec::new().into_iter(), Vec::new().into_iter());
+    if !finishing.is_empty() {
+        let seqs: Vec<u64> = finishing.iter().map(|op| op.seq).collect();
+        let keys: Vec<(&str, u64)> = finishing
+            .iter()
+            .filter_map(|op| Some((op.entity.as_deref()?, op.seq)))
+            .collect();
+        stored = txn.get_ops(&seqs).await?.into_iter();
+        successors = txn.next_on_entities(&keys).await?.into_iter();
+        counters = Some(txn.counters().await?);
+    }
     for write in writes {
         match write {
             Write::Update(op) => txn.put_op(op).await?,
             Write::Finish { op, fate } => {
+                let successor = match op.entity {
+                    Some(_) => successors.next().flatten(),
+                    None => None,
+                };
                 // Finishing twice (a replayed write) must not count twice.
-                let stored = match txn.get_op(op.seq).await? {
+                let stored = match stored.next().flatten() {
                     Some(stored) if stored.id == op.id => stored,
                     _ => continue,
                 };
                 txn.delete_op(op.seq).await?;
-                let c = match &mut counters {
-                    Some(c) => c,
-                    None => counters.insert(txn.counters().await?),
-                };
-                c.pending = c.pending.saturating_sub(1);
-                c.bytes = c.bytes.saturating_sub(stored.size());
+                if let Some(c) = &mut counters {
+                    c.pending = c.pending.saturating_sub(1);
+                    c.bytes = c.bytes.saturating_sub(stored.size());
+                }
                 match fate {
                     Fate::Delivered { .. } | Fate::Dropped => {}
                     Fate::DeadLettered {
@@ -213,11 +270,8 @@ pub async fn apply<T: QueueTxn>(
                         .await?;
                     }
                 }
-                if let Some(entity) = &op.entity
-                    && let Some(next) = txn.next_on_entity(entity, op.seq).await?
-                {
-                    let took_effect = matches!(fate, Fate::Delivered { duplicate: false });
-                    txn.put_op(&promote(next, op, took_effect, now)).await?;
+                if let Some(next) = successor {
+                    txn.put_op(&promote(next, op, fate, now)).await?;
                 }
             }
             Write::Breaker(breaker) => txn.put_breaker(breaker).await?,
@@ -230,10 +284,14 @@ pub async fn apply<T: QueueTxn>(
     Ok(())
 }
 
-/// Makes `next` the head of its entity after `departed` left. If `departed` did not take effect,
-/// `next` is relinked to depend on what `departed` depended on.
-pub fn promote(mut next: Op, departed: &Op, took_effect: bool, now: Millis) -> Op {
-    if !took_effect && next.prev == departed.seq {
+/// Makes `next` the head of its entity after `departed` left with `fate`. Unless `departed`
+/// took effect under its own `seq` (a fresh delivery), `next` is relinked to depend on what
+/// `departed` depended on, so the server does not wait for an op that will never arrive. (A
+/// duplicate may have taken effect under an earlier `seq`; relinking after a real effect changes
+/// nothing the server checks, since `prev` only drops to a `seq` it has passed.)
+pub fn promote(mut next: Op, departed: &Op, fate: &Fate, now: Millis) -> Op {
+    let fresh = matches!(fate, Fate::Delivered { duplicate: false });
+    if !fresh && next.prev == departed.seq {
         next.prev = departed.prev;
     }
     next.next_attempt_at = Some(next.next_attempt_at.map_or(now, |t| t.min(now)));
