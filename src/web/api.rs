@@ -52,7 +52,8 @@ export interface EnqueueRequest {
   kind: string;
   /** Any JSON-serialisable value. */
   payload: unknown;
-  /** The entity version the user acted on; the server reports a conflict if it moved. */
+  /** The entity version last read from the server; the server reports a conflict if another
+   *  client wrote the entity since (this client's own writes never conflict). */
   baseVersion?: number;
   priority?: "user" | "background";
 }
@@ -425,16 +426,24 @@ async fn open(config: JsValue) -> Result<Outbox> {
 
     let db = schema::open(&database).await?;
     let store = Store::new(db.clone());
-    let client = store
-        .write(Durability::Strict, async |t| match t.client().await? {
-            Some(client) => Ok(client),
-            None => {
-                let client = random_id()?;
-                t.put_client(client)?;
-                Ok(client)
-            }
-        })
-        .await?;
+    // Most opens find the client id stored: a read-only look avoids a strict commit per start.
+    let known = store.read(async |t| t.client().await).await?;
+    let client = match known {
+        Some(client) => client,
+        // Checked again inside the write: another context may have stored one meanwhile.
+        None => {
+            store
+                .write(Durability::Strict, async |t| match t.client().await? {
+                    Some(client) => Ok(client),
+                    None => {
+                        let client = random_id()?;
+                        t.put_client(client)?;
+                        Ok(client)
+                    }
+                })
+                .await?
+        }
+    };
     let transport = Transport::new(endpoint, client, config.request_timeout_ms, auth);
     let shared = Shared::new(database, store, config, transport, schedule);
     // A newer version of the extension is upgrading the database: step aside, or it waits.
@@ -470,29 +479,18 @@ fn parse_endpoint(endpoint: &str) -> Result<String> {
 
 async fn stats(shared: &Shared) -> Result<JsValue> {
     shared.check_open()?;
-    let (counters, (dead, parked), next, (breaker, paused), client) = shared
-        .store
-        .read(async |t| {
-            Ok((
-                t.counters().await?,
-                t.problem_counts().await?,
-                t.earliest_due().await?,
-                t.drainer_state().await?,
-                t.client().await?,
-            ))
-        })
-        .await?;
+    let snapshot = shared.store.read(async |t| t.snapshot().await).await?;
     to_js(&StatsView {
-        client: client.map(|c| c.to_string()),
-        pending: counters.pending,
-        bytes: counters.bytes,
-        dead_letters: dead,
-        conflicts: parked,
-        next_attempt_at: next,
-        paused,
+        client: snapshot.client.map(|c| c.to_string()),
+        pending: snapshot.counters.pending,
+        bytes: snapshot.counters.bytes,
+        dead_letters: snapshot.dead_letters,
+        conflicts: snapshot.conflicts,
+        next_attempt_at: snapshot.earliest_due,
+        paused: snapshot.paused,
         draining: shared.is_draining(),
         in_flight: shared.in_flight(),
-        breaker: match breaker {
+        breaker: match snapshot.breaker {
             Breaker::Closed { .. } => BreakerView {
                 state: "closed",
                 until: None,

@@ -55,16 +55,36 @@ pub fn factory() -> Result<IdbFactory> {
         .map_err(|_| Error::Unsupported("this global scope has no indexedDB".into()))
 }
 
-/// Waits for a request to succeed and returns its result.
-pub async fn wait(request: &IdbRequest) -> Result<JsValue> {
-    let promise = Promise::new(&mut |resolve, reject| {
+/// A request whose outcome is already being listened for, to be awaited later. Issuing several
+/// reads before awaiting the first lets IndexedDB work on them together; the listener must be set
+/// at once, or an early `success` would be missed.
+pub struct Pending {
+    request: IdbRequest,
+    done: JsFuture,
+}
+
+/// Starts listening to `request`.
+pub fn issue(request: IdbRequest) -> Pending {
+    let done = JsFuture::from(Promise::new(&mut |resolve, reject| {
         request.set_onsuccess(Some(&resolve));
         request.set_onerror(Some(&reject));
-    });
-    match JsFuture::from(promise).await {
-        Ok(_) => request.result().map_err(Error::storage),
-        Err(_) => Err(request_error(request)),
+    }));
+    Pending { request, done }
+}
+
+impl Pending {
+    /// Waits for the request to succeed and returns its result.
+    pub async fn result(self) -> Result<JsValue> {
+        match self.done.await {
+            Ok(_) => self.request.result().map_err(Error::storage),
+            Err(_) => Err(request_error(&self.request)),
+        }
     }
+}
+
+/// Waits for a request to succeed and returns its result.
+pub async fn wait(request: &IdbRequest) -> Result<JsValue> {
+    issue(request.clone()).result().await
 }
 
 fn request_error(request: &IdbRequest) -> Error {

@@ -11,7 +11,7 @@ use web_sys::{
 };
 
 use super::error::{Error, Result};
-use super::idb::{self, Durability, Txn};
+use super::idb::{self, Durability, Pending, Txn};
 use super::schema::*;
 use crate::core::store::QueueTxn;
 use crate::core::{Breaker, Counters, DeadLetter, Millis, Op, OpId, ParkedConflict};
@@ -74,6 +74,24 @@ fn keyed_record<T: Serialize>(id: OpId, value: &T) -> Result<JsValue> {
 
 fn key(seq: u64) -> JsValue {
     JsValue::from_f64(seq as f64)
+}
+
+/// What `stats()` reads.
+pub struct Snapshot {
+    /// The counters.
+    pub counters: Counters,
+    /// The client id.
+    pub client: Option<OpId>,
+    /// The breaker.
+    pub breaker: Breaker,
+    /// The pause flag.
+    pub paused: bool,
+    /// How many dead letters.
+    pub dead_letters: u32,
+    /// How many parked conflicts.
+    pub conflicts: u32,
+    /// The earliest `next_attempt_at` of any head op.
+    pub earliest_due: Option<Millis>,
 }
 
 /// A handle on one outbox database.
@@ -144,8 +162,39 @@ impl IdbTxn {
     }
 
     async fn get<T: DeserializeOwned>(store: &IdbObjectStore, key: &JsValue) -> Result<Option<T>> {
-        let request = store.get(key).map_err(Error::storage)?;
-        decode(idb::wait(&request).await?)
+        decode(Self::issue_get(store, key)?.result().await?)
+    }
+
+    /// Starts a read, to await later: reads issued together finish in about one round trip.
+    fn issue_get(store: &IdbObjectStore, key: &JsValue) -> Result<Pending> {
+        Ok(idb::issue(store.get(key).map_err(Error::storage)?))
+    }
+
+    fn issue_next_on_entity(&self, entity: &str, after: u64) -> Result<Pending> {
+        let index = self.ops.index(BY_ENTITY).map_err(Error::storage)?;
+        let range = Self::entity_range(entity, Some(after))?;
+        Ok(idb::issue(
+            index.get(&range.into()).map_err(Error::storage)?,
+        ))
+    }
+
+    /// The last op on `entity`, by a cursor walking `by_entity` backwards from its end.
+    fn issue_last_on_entity(&self, entity: &str) -> Result<Pending> {
+        let index = self.ops.index(BY_ENTITY).map_err(Error::storage)?;
+        let range = Self::entity_range(entity, None)?;
+        let request = index
+            .open_cursor_with_range_and_direction(&range.into(), IdbCursorDirection::Prev)
+            .map_err(Error::storage)?;
+        Ok(idb::issue(request.unchecked_into()))
+    }
+
+    async fn cursor_op(cursor: Pending) -> Result<Option<Op>> {
+        let cursor = cursor.result().await?;
+        if cursor.is_null() {
+            return Ok(None);
+        }
+        let cursor: IdbCursorWithValue = cursor.unchecked_into();
+        decode(cursor.value().map_err(Error::storage)?)
     }
 
     /// Queues a put. Its failure aborts the transaction, which `commit` reports, so there is no
@@ -175,9 +224,46 @@ impl IdbTxn {
 
     /// The persisted breaker and pause flag.
     pub async fn drainer_state(&mut self) -> Result<(Breaker, bool)> {
-        let breaker = Self::get(&self.meta, &META_BREAKER.into()).await?;
-        let paused = Self::get(&self.meta, &META_PAUSED.into()).await?;
+        let breaker = Self::issue_get(&self.meta, &META_BREAKER.into())?;
+        let paused = Self::issue_get(&self.meta, &META_PAUSED.into())?;
+        let breaker: Option<Breaker> = decode(breaker.result().await?)?;
+        let paused: Option<bool> = decode(paused.result().await?)?;
         Ok((breaker.unwrap_or_default(), paused.unwrap_or(false)))
+    }
+
+    /// Everything `stats()` shows, read in one round.
+    pub async fn snapshot(&mut self) -> Result<Snapshot> {
+        let counters = Self::issue_get(&self.meta, &META_COUNTERS.into())?;
+        let client = Self::issue_get(&self.meta, &META_CLIENT.into())?;
+        let breaker = Self::issue_get(&self.meta, &META_BREAKER.into())?;
+        let paused = Self::issue_get(&self.meta, &META_PAUSED.into())?;
+        let dead = idb::issue(self.dead_letters.count().map_err(Error::storage)?);
+        let parked = idb::issue(self.conflicts.count().map_err(Error::storage)?);
+        let index = self.ops.index(BY_DUE).map_err(Error::storage)?;
+        let earliest = idb::issue(
+            index
+                .open_key_cursor()
+                .map_err(Error::storage)?
+                .unchecked_into(),
+        );
+        let count = |v: JsValue| v.as_f64().unwrap_or(0.0) as u32;
+        Ok(Snapshot {
+            counters: decode(counters.result().await?)?.unwrap_or_default(),
+            client: decode(client.result().await?)?,
+            breaker: decode(breaker.result().await?)?.unwrap_or_default(),
+            paused: decode(paused.result().await?)?.unwrap_or(false),
+            dead_letters: count(dead.result().await?),
+            conflicts: count(parked.result().await?),
+            earliest_due: match earliest.result().await? {
+                cursor if cursor.is_null() => None,
+                cursor => cursor
+                    .unchecked_into::<web_sys::IdbCursor>()
+                    .key()
+                    .ok()
+                    .and_then(|k| k.as_f64())
+                    .map(|k| k as Millis),
+            },
+        })
     }
 
     /// Up to `limit` pending ops, in `seq` order.
@@ -199,32 +285,6 @@ impl IdbTxn {
     pub async fn conflicts(&mut self) -> Result<Vec<ParkedConflict>> {
         let request = self.conflicts.get_all().map_err(Error::storage)?;
         all(idb::wait(&request).await?)
-    }
-
-    /// How many dead letters and parked conflicts there are.
-    pub async fn problem_counts(&mut self) -> Result<(u32, u32)> {
-        let dead = idb::wait(&self.dead_letters.count().map_err(Error::storage)?).await?;
-        let parked = idb::wait(&self.conflicts.count().map_err(Error::storage)?).await?;
-        Ok((
-            dead.as_f64().unwrap_or(0.0) as u32,
-            parked.as_f64().unwrap_or(0.0) as u32,
-        ))
-    }
-
-    /// The earliest `next_attempt_at` of any head op.
-    pub async fn earliest_due(&mut self) -> Result<Option<Millis>> {
-        let index = self.ops.index(BY_DUE).map_err(Error::storage)?;
-        let request = index.open_key_cursor().map_err(Error::storage)?;
-        let cursor = idb::wait(&request).await?;
-        if cursor.is_null() {
-            return Ok(None);
-        }
-        let cursor: web_sys::IdbCursor = cursor.unchecked_into();
-        Ok(cursor
-            .key()
-            .ok()
-            .and_then(|k| k.as_f64())
-            .map(|k| k as Millis))
     }
 
     fn entity_range(entity: &str, after: Option<u64>) -> Result<IdbKeyRange> {
@@ -259,27 +319,46 @@ impl QueueTxn for IdbTxn {
     }
 
     async fn next_on_entity(&mut self, entity: &str, after: u64) -> Result<Option<Op>> {
-        let index = self.ops.index(BY_ENTITY).map_err(Error::storage)?;
-        let request = index
-            .get(&Self::entity_range(entity, Some(after))?.into())
-            .map_err(Error::storage)?;
-        decode(idb::wait(&request).await?)
+        decode(self.issue_next_on_entity(entity, after)?.result().await?)
     }
 
     async fn last_on_entity(&mut self, entity: &str) -> Result<Option<Op>> {
-        let index = self.ops.index(BY_ENTITY).map_err(Error::storage)?;
-        let request = index
-            .open_cursor_with_range_and_direction(
-                &Self::entity_range(entity, None)?.into(),
-                IdbCursorDirection::Prev,
-            )
-            .map_err(Error::storage)?;
-        let cursor = idb::wait(&request).await?;
-        if cursor.is_null() {
-            return Ok(None);
+        Self::cursor_op(self.issue_last_on_entity(entity)?).await
+    }
+
+    async fn get_ops(&mut self, seqs: &[u64]) -> Result<Vec<Option<Op>>> {
+        let pending = seqs
+            .iter()
+            .map(|&seq| Self::issue_get(&self.ops, &key(seq)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut found = Vec::with_capacity(pending.len());
+        for read in pending {
+            found.push(decode(read.result().await?)?);
         }
-        let cursor: IdbCursorWithValue = cursor.unchecked_into();
-        decode(cursor.value().map_err(Error::storage)?)
+        Ok(found)
+    }
+
+    async fn next_on_entities(&mut self, keys: &[(&str, u64)]) -> Result<Vec<Option<Op>>> {
+        let pending = keys
+            .iter()
+            .map(|&(entity, after)| self.issue_next_on_entity(entity, after))
+            .collect::<Result<Vec<_>>>()?;
+        let mut found = Vec::with_capacity(pending.len());
+        for read in pending {
+            found.push(decode(read.result().await?)?);
+        }
+        Ok(found)
+    }
+
+    async fn counters_and_last(&mut self, entity: Option<&str>) -> Result<(Counters, Option<Op>)> {
+        let counters = Self::issue_get(&self.meta, &META_COUNTERS.into())?;
+        let last = entity.map(|e| self.issue_last_on_entity(e)).transpose()?;
+        let counters = decode(counters.result().await?)?.unwrap_or_default();
+        let last = match last {
+            Some(cursor) => Self::cursor_op(cursor).await?,
+            None => None,
+        };
+        Ok((counters, last))
     }
 
     async fn due_heads(&mut self, now: Millis, limit: usize) -> Result<(Vec<Op>, Option<Millis>)> {
