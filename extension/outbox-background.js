@@ -15,8 +15,6 @@ const SYNC_TAG = 'outbox-sync';
 /** The runtime-message methods pages may call (see outbox-page.js). */
 const PAGE_METHODS = new Set(['enqueue', 'flush', 'stats', 'pending', 'deadLetters', 'retryDeadLetter',
   'discardDeadLetter', 'conflicts', 'resolveConflict']);
-/** The page methods that queue an op, so a send follows (see `guard`). */
-const QUEUEING_METHODS = new Set(['enqueue', 'retryDeadLetter', 'resolveConflict']);
 const EVENTS = ['delivered', 'retry-scheduled', 'dead-lettered', 'conflict', 'auth-required',
   'breaker-opened', 'breaker-closed', 'queue-full', 'drained', 'error'];
 
@@ -26,20 +24,6 @@ const EVENTS = ['delivered', 'retry-scheduled', 'dead-lettered', 'conflict', 'au
  */
 export function startOutbox(options) {
   const ports = new Set();
-  const leaseMs = 2 * (options.requestTimeoutMs ?? 5000) + 1000;
-  // The wasm arms the alarm when a drain goes idle. A worker stopped mid-send never gets there,
-  // and a drain that ends just as an op is queued can miss that op (its wake is lost; seen in
-  // Firefox). Either strands the queue until the next event. So while ops wait to be sent, an
-  // alarm is due by the time a send's lease (two request timeouts) runs out; the drain's own
-  // schedule may move it sooner, not later (see `schedule`). Guarding only while ops are pending
-  // keeps an idle extension asleep; the cost is one spare wake after a burst of work.
-  async function guard() {
-    const at = Date.now() + leaseMs;
-    guardUntil = at;
-    const alarm = await ext.alarms.get(ALARM);
-    if (!alarm || alarm.scheduledTime > at) await ext.alarms.create(ALARM, { when: at });
-  }
-  const guardIfPending = async (outbox) => { if ((await outbox.stats()).pending > 0) await guard(); };
   const ready = (async () => {
     await init({ module_or_path: new URL('./pkg/outbox_bg.wasm', import.meta.url) });
     const outbox = await Outbox.open({ ...options, schedule });
@@ -50,13 +34,9 @@ export function startOutbox(options) {
         ports.forEach((port) => port.postMessage({ event: plain }));
       });
     }
-    await guardIfPending(outbox); // open resumes the queue
     return outbox;
   })();
-  const wake = (reason) => ready.then(async (outbox) => {
-    await guardIfPending(outbox);
-    return outbox.wake(reason);
-  });
+  const wake = (reason) => ready.then((outbox) => outbox.wake(reason));
 
   ext.alarms.onAlarm.addListener((alarm) => { if (alarm.name === ALARM) wake('alarm'); });
   ext.runtime.onStartup.addListener(() => wake('start'));
@@ -86,11 +66,9 @@ export function startOutbox(options) {
 
   async function answer(ready, message) {
     const outbox = await ready;
-    if (message.outbox === 'finalState') return guard().then(() => finalState(outbox, message.args?.[0]));
+    if (message.outbox === 'finalState') return finalState(outbox, message.args?.[0]);
     if (!PAGE_METHODS.has(message.outbox)) throw Object.assign(new Error(`unknown outbox method ${message.outbox}`), { code: 'INVALID_ARGUMENT' });
     registerSync();
-    if (QUEUEING_METHODS.has(message.outbox)) await guard();
-    else if (message.outbox === 'flush') await guardIfPending(outbox);
     return outbox[message.outbox](...(message.args ?? []));
   }
 
@@ -105,15 +83,12 @@ export function startOutbox(options) {
   }
 }
 
-/** The deadline of the last guard (see startOutbox); it stands until it passes. */
-let guardUntil = 0;
-
-// chrome.alarms survive the service worker; the outbox asks for one at its next wake-up.
+// chrome.alarms survive the service worker. The outbox keeps one alarm at its next wake-up
+// (while a drain runs, at the latest time a send could still be in flight), so a worker that was
+// stopped, even mid-send, is started again.
 function schedule(at) {
-  const guarded = guardUntil > Date.now() ? guardUntil : null;
-  const when = at == null ? guarded : Math.min(at, guarded ?? at);
-  if (when == null) return void ext.alarms.clear(ALARM);
-  ext.alarms.create(ALARM, { when: Math.max(when, Date.now() + 100) });
+  if (at == null) return void ext.alarms.clear(ALARM);
+  ext.alarms.create(ALARM, { when: Math.max(at, Date.now() + 100) });
 }
 
 // Registering needs an open extension page in Chrome (it rejects otherwise); Firefox has no

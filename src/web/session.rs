@@ -42,6 +42,10 @@ struct Mailbox {
 }
 
 impl Mailbox {
+    fn take(&self) -> Option<Input> {
+        self.inputs.borrow_mut().pop_front()
+    }
+
     fn push(&self, input: Input) {
         self.inputs.borrow_mut().push_back(input);
         if let Some(waker) = self.waker.borrow_mut().take() {
@@ -281,8 +285,7 @@ impl Shared {
             let mailbox = Rc::new(Mailbox::default());
             *this.running.borrow_mut() = Some(mailbox.clone());
             let outcome = this.session(reason, &mailbox).await;
-            *this.running.borrow_mut() = None;
-            this.ending.set(true);
+            this.stop_taking_inputs();
             match outcome {
                 // Closing mid-session is not a failure; the store keeps everything.
                 Err(Error::Closed(_)) | Ok(()) => {}
@@ -319,9 +322,18 @@ impl Shared {
             drainer.handle(now(), Input::AuthRenewed);
         }
         drainer.handle(now(), Input::Wake(reason));
+        // If this context dies mid-send, nothing it planned to arm gets armed: until the session
+        // arms the real next wake, one is due once a send started now would have timed out.
+        self.schedule(Some(now() + 2 * self.config.request_timeout_ms + 1_000));
         loop {
             while let Some(action) = drainer.poll_action() {
                 self.perform(&mut drainer, action, mailbox).await?;
+            }
+            // Inputs that arrived while actions were performed come first: a wake pushed during
+            // the last await must not be dropped by an idle drainer.
+            if let Some(input) = mailbox.take() {
+                drainer.handle(now(), input);
+                continue;
             }
             if drainer.is_idle() || self.closed.get().is_some() {
                 break;
@@ -329,6 +341,9 @@ impl Shared {
             let input = mailbox.recv(drainer.next_wake()).await;
             drainer.handle(now(), input);
         }
+        // Before the last await: from here a wake waits in `wake_pending` and starts a new
+        // session once the lock is released, instead of landing in a mailbox nobody reads.
+        self.stop_taking_inputs();
         let pending = self.store.read(async |t| {
             use crate::core::store::QueueTxn;
             Ok(t.counters().await?.pending)
@@ -445,13 +460,22 @@ impl Shared {
                 }
             })
         });
+        self.schedule(next_wake.or_else(|| pending.then(|| now() + HEARTBEAT_MS)));
+    }
+
+    /// Calls the `schedule` hook, which keeps one alarm: `at` replaces whatever was armed.
+    fn schedule(&self, at: Option<Millis>) {
         if let Some(schedule) = &self.schedule {
-            let at = next_wake.or_else(|| pending.then(|| now() + HEARTBEAT_MS));
             let arg = at.map_or(JsValue::NULL, |at| JsValue::from_f64(at as f64));
             if let Err(error) = schedule.call1(&JsValue::NULL, &arg) {
                 web_sys::console::error_2(&"outbox: the schedule hook threw".into(), &error);
             }
         }
+    }
+
+    fn stop_taking_inputs(&self) {
+        *self.running.borrow_mut() = None;
+        self.ending.set(true);
     }
 
     /// Stops everything: no more sessions, timers or broadcasts; the connection closes once
