@@ -864,3 +864,45 @@ fn a_dead_letter_delivered_by_a_replay_does_not_block_its_entity() {
     assert_eq!(sim.applied_seqs(), [op.seq, next.seq]);
     sim.ledger.check_drained(&sim.store).unwrap();
 }
+
+#[test]
+fn own_queued_changes_never_conflict_only_other_clients_do() {
+    let config = with_kind(Config::default(), "approve", ConflictPolicy::Manual, false);
+    let mut sim = Sim::new(config, 11);
+    // The reviewer read version 0, then commented twice (unversioned) and approved against the
+    // version they read; the UI applied the comments at once, before the server did.
+    sim.enqueue(draft(Some("pr/1"), "comment", r#"{"a":1}"#))
+        .unwrap();
+    sim.enqueue(draft(Some("pr/1"), "comment", r#"{"b":2}"#))
+        .unwrap();
+    let mut approve = draft(Some("pr/1"), "approve", r#"{"approved":true}"#);
+    approve.base_version = Some(0);
+    let approve = sim.enqueue(approve).unwrap();
+    sim.deliver_all();
+
+    assert!(
+        sim.store.conflicts().next().is_none(),
+        "no conflict with oneself"
+    );
+    assert_eq!(sim.server.version("pr/1"), 3);
+    let sent = sim
+        .sent
+        .iter()
+        .flat_map(|(_, ops)| ops)
+        .find(|op| op.id == approve.id);
+    assert_eq!(
+        sent.unwrap().base_version,
+        Some(0),
+        "sent as the reviewer read it"
+    );
+
+    // Another user's change in between is still a conflict.
+    sim.enqueue(draft(Some("pr/2"), "comment", r#"{"a":1}"#))
+        .unwrap();
+    sim.other_user_edits("pr/2");
+    let mut stale = draft(Some("pr/2"), "approve", r#"{"approved":true}"#);
+    stale.base_version = Some(0);
+    sim.enqueue(stale).unwrap();
+    sim.deliver_all();
+    assert_eq!(sim.store.conflicts().count(), 1);
+}

@@ -9,10 +9,9 @@ const outbox = connectOutbox();
 const pr = document.body.dataset.pr;
 const entity = `pr/${pr}`;
 
-// The version this page shows, and how many ops it made since: an approval is made against
-// the page as the reviewer sees it, which includes their own not-yet-delivered actions.
+// The version this page read from the server. An approval is checked against it; the outbox
+// accounts for the reviewer's own actions queued ahead of it.
 let loadedVersion = 0;
-let madeHere = 0;
 
 const badge = document.createElement('div');
 badge.id = 'outbox-badge';
@@ -25,7 +24,6 @@ async function reviewer() {
 }
 
 async function record(kind, payload, extra = {}) {
-  madeHere += 1;
   try {
     const receipt = await outbox.enqueue({ entity, kind, payload, ...extra });
     // The ids of the ops this page made, for anyone (the demo's driver, a test) who wants to
@@ -34,7 +32,6 @@ async function record(kind, payload, extra = {}) {
     root.dataset.outboxOps = `${root.dataset.outboxOps ?? ''} ${kind}:${receipt.id}:${receipt.seq}`.trim();
     return receipt;
   } catch (error) {
-    madeHere -= 1;
     // Nothing was queued: say so where the user looks, rather than pretend it was saved.
     badge.textContent = `not saved: ${error.message}`;
     throw error;
@@ -64,14 +61,13 @@ document.getElementById('approve').addEventListener('click', async () => {
   const by = await reviewer();
   document.getElementById('approve').textContent = 'Approved';
   await record('approve', { approval: { by, at: Date.now() } },
-    { baseVersion: loadedVersion + madeHere });
+    { baseVersion: loadedVersion });
 });
 
 async function load() {
   const reply = await ext.runtime.sendMessage({ demo: 'entity', id: entity });
   if (!reply?.ok) throw new Error(reply?.error ?? 'no answer from the background');
   loadedVersion = reply.entity.version;
-  madeHere = 0;
   const comments = Object.values(reply.entity.state?.comments ?? {});
   document.getElementById('comments').replaceChildren(...comments.map(({ by, text }) => {
     const item = document.createElement('li');

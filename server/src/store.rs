@@ -279,11 +279,16 @@ CREATE TABLE IF NOT EXISTS clients (
     tenant TEXT NOT NULL,
     bound_at INTEGER NOT NULL
 ) WITHOUT ROWID;
+-- `writer` wrote the latest run of versions, which began after `run_base`: a client's own
+-- writes never make its base_version stale, so the check needs the last version someone else
+-- wrote (see apply_op, step 4).
 CREATE TABLE IF NOT EXISTS entities (
     tenant TEXT NOT NULL,
     entity TEXT NOT NULL,
     version INTEGER NOT NULL,
     state TEXT NOT NULL,
+    writer TEXT NOT NULL,
+    run_base INTEGER NOT NULL,
     PRIMARY KEY (tenant, entity)
 ) WITHOUT ROWID;
 -- The highest seq applied per (tenant, client, entity). Kept forever: it is what turns a
@@ -649,11 +654,16 @@ fn apply_op(conn: &Connection, req: &ApplyRequest, op: &Op) -> rusqlite::Result<
         .query_row(params![tenant, client, entity], |r| r.get(0))
         .optional()?
         .unwrap_or(0);
-    let current: Option<(i64, String)> = conn
-        .prepare_cached("SELECT version, state FROM entities WHERE tenant = ?1 AND entity = ?2")?
-        .query_row(params![tenant, entity], |r| Ok((r.get(0)?, r.get(1)?)))
+    let current: Option<(i64, String, String, i64)> = conn
+        .prepare_cached(
+            "SELECT version, state, writer, run_base FROM entities WHERE tenant = ?1 AND entity = ?2",
+        )?
+        .query_row(params![tenant, entity], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
         .optional()?;
-    let (version, state) = current.unwrap_or_else(|| (0, "{}".to_owned()));
+    let (version, state, writer, run_base) =
+        current.unwrap_or_else(|| (0, "{}".to_owned(), String::new(), 0));
     if op.seq <= last {
         return store(Outcome::Duplicate { version });
     }
@@ -663,21 +673,34 @@ fn apply_op(conn: &Connection, req: &ApplyRequest, op: &Op) -> rusqlite::Result<
     let mut state: Value =
         serde_json::from_str(&state).unwrap_or_else(|_| Value::Object(Default::default()));
 
-    // 4. Version.
+    // 4. Version. Stale means another client wrote after `base` (this client's own writes were
+    // made on top of what it read), or `base` names a version that does not exist yet.
+    let own_run = writer == *client;
+    let foreign = if own_run { run_base } else { version };
     if let Some(base) = op.base_version
-        && base != version
+        && (base < foreign || base > version)
     {
         return store(Outcome::Conflict { version, state });
     }
 
     // 5. Apply.
     merge_patch(&mut state, &op.payload);
+    let run_base = if own_run { run_base } else { version };
     let version = version + 1;
     conn.prepare_cached(
-        "INSERT INTO entities (tenant, entity, version, state) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (tenant, entity) DO UPDATE SET version = excluded.version, state = excluded.state",
+        "INSERT INTO entities (tenant, entity, version, state, writer, run_base)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (tenant, entity) DO UPDATE SET version = excluded.version,
+           state = excluded.state, writer = excluded.writer, run_base = excluded.run_base",
     )?
-    .execute(params![tenant, entity, version, state.to_string()])?;
+    .execute(params![
+        tenant,
+        entity,
+        version,
+        state.to_string(),
+        client,
+        run_base
+    ])?;
     conn.prepare_cached(
         "INSERT INTO lasts (tenant, client, entity, last) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (tenant, client, entity) DO UPDATE SET last = excluded.last",

@@ -295,6 +295,51 @@ async fn a_seq_at_or_below_last_is_a_duplicate_even_under_a_new_id() {
 }
 
 #[tokio::test]
+async fn a_clients_own_writes_never_make_its_base_version_stale() {
+    let server = Server::start(&[]);
+    let (alice, bob) = (uuid(), uuid());
+    // Alice read version 0, commented twice, then approved against the version she read: her
+    // own comments moved the entity, nobody else did.
+    let mut approve = op(3, 2, Some("pr/5"), json!({"approved": true}));
+    approve["base_version"] = json!(0);
+    let result = server
+        .ops_ok(&envelope(
+            &alice,
+            vec![
+                op(1, 0, Some("pr/5"), json!({"c1": "a"})),
+                op(2, 1, Some("pr/5"), json!({"c2": "b"})),
+                approve,
+            ],
+        ))
+        .await;
+    assert_eq!(result[2]["status"], "applied", "{result:?}");
+    assert_eq!(result[2]["version"], 3);
+
+    // Bob writes; now Alice's next op against what she read before Bob is a conflict...
+    server
+        .ops_ok(&envelope(
+            &bob,
+            vec![op(1, 0, Some("pr/5"), json!({"b": 1}))],
+        ))
+        .await;
+    let mut stale = op(4, 3, Some("pr/5"), json!({"approved": false}));
+    stale["base_version"] = json!(3);
+    let result = server.ops_ok(&envelope(&alice, vec![stale])).await;
+    assert_eq!(result[0]["status"], "conflict");
+    assert_eq!(result[0]["version"], 4);
+    // ...and a version that does not exist yet is one too.
+    let mut future = op(4, 3, Some("pr/5"), json!({"x": 1}));
+    future["base_version"] = json!(9);
+    let result = server.ops_ok(&envelope(&alice, vec![future])).await;
+    assert_eq!(result[0]["status"], "conflict");
+    // Against Bob's version it applies.
+    let mut fresh = op(4, 3, Some("pr/5"), json!({"approved": false}));
+    fresh["base_version"] = json!(4);
+    let result = server.ops_ok(&envelope(&alice, vec![fresh])).await;
+    assert_eq!(result[0]["status"], "applied");
+}
+
+#[tokio::test]
 async fn a_stale_base_version_is_a_conflict_with_the_current_state() {
     let server = Server::start(&[]);
     let (alice, bob) = (uuid(), uuid());

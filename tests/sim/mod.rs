@@ -115,6 +115,9 @@ pub struct Server {
     lasts: HashMap<(ClientId, String), u64>,
     /// Entity versions.
     versions: BTreeMap<String, u64>,
+    /// Per entity, the client of the latest run of writes and the version before that run: what
+    /// the version check compares with, since a client's own writes never conflict.
+    runs: BTreeMap<String, (ClientId, u64)>,
     /// Every op applied, in order.
     pub log: Vec<Applied>,
     /// Whether the bearer token is accepted (`401` otherwise).
@@ -138,6 +141,7 @@ impl Default for Server {
             keys: HashMap::new(),
             lasts: HashMap::new(),
             versions: BTreeMap::new(),
+            runs: BTreeMap::new(),
             log: Vec::new(),
             auth_ok: true,
             down: false,
@@ -270,6 +274,7 @@ impl Server {
 
     /// Another user changes `entity`: its version moves on.
     pub fn other_user_edits(&mut self, entity: &str, now: Millis) {
+        self.record_write(other_client(), entity);
         let version = self.version(entity) + 1;
         self.versions.insert(entity.to_owned(), version);
         self.log.push(Applied {
@@ -280,6 +285,25 @@ impl Server {
             version: Some(version),
             at: now,
         });
+    }
+
+    /// The version `client`'s `base_version` is checked against: the entity's version when
+    /// another client wrote last, or the version before `client`'s own latest run of writes.
+    pub fn foreign_version(&self, client: ClientId, entity: &str) -> u64 {
+        match self.runs.get(entity) {
+            Some(&(writer, before)) if writer == client => before,
+            _ => self.version(entity),
+        }
+    }
+
+    fn record_write(&mut self, client: ClientId, entity: &str) {
+        let before = self.version(entity);
+        match self.runs.get(entity) {
+            Some(&(writer, _)) if writer == client => {}
+            _ => {
+                self.runs.insert(entity.to_owned(), (client, before));
+            }
+        }
     }
 
     /// `GET /v1/health`.
@@ -428,11 +452,16 @@ impl Server {
             self.last_out_of_order = Some((op.seq, op.prev, last, entity.clone()));
             return Outcome::OutOfOrder { last };
         }
-        // 4. Version.
-        if op.base_version.is_some_and(|base| base != version) {
+        // 4. Version: stale if another client wrote after `base`, or `base` is from the future.
+        let foreign = self.foreign_version(client, entity);
+        if op
+            .base_version
+            .is_some_and(|base| base < foreign || base > version)
+        {
             return Outcome::Conflict { version };
         }
         // 5. Apply (the merge patch of the state is not simulated: versions stand for it).
+        self.record_write(client, entity);
         let version = version + 1;
         self.versions.insert(entity.clone(), version);
         self.lasts.insert((client, entity.clone()), op.seq);
