@@ -394,7 +394,7 @@ results.targets = [
   { target: 'cold start ≤ 1.5 × Workbox (construct + first size())', limit: 1.5, measured: c.outbox.ready.p50 / c.workbox.constructAndSize.p50, atMost: true },
   { target: 'cold start ≤ 1.5 × Workbox (construct only)', limit: 1.5, measured: c.outbox.ready.p50 / c.workbox.construct.p50, atMost: true },
   { target: `enqueue p50 at ${int(top.pending)} pending ≤ 1.2 × at 0`, limit: 1.2, measured: top.enqueue.p50 / level(0).enqueue.p50, atMost: true },
-  { target: 'shipped wasm + JS ≤ 100 KB gzipped', limit: results.size.budgetGzipBytes, measured: results.size.outbox.gzip, atMost: true, bytes: true },
+  { target: 'shipped wasm + JS ≤ 100 KB gzipped', limit: results.size.targetGzipBytes, measured: results.size.outbox.gzip, atMost: true, bytes: true },
 ].map((t) => ({ ...t, met: t.atMost ? t.measured <= t.limit : t.measured >= t.limit }));
 
 /** A Markdown table; `left` is how many leading columns are text (left-aligned). */
@@ -446,7 +446,8 @@ md.push(table(['what', 'raw', 'gzip', 'ratio'], [
   ...s.outbox.files.map((f) => [`\`${f.file}\``, int(f.raw), int(f.gzip), '']),
   ['outbox, shipped wasm + JS', int(s.outbox.raw), int(s.outbox.gzip), ''],
   [`Workbox background-sync ${results.meta.workbox}, esbuild bundle with deps, minified`, int(s.workbox.raw), int(s.workbox.gzip), ratio(s.outbox.gzip / s.workbox.gzip)],
-  ['budget', '', int(s.budgetGzipBytes), ratio(s.outbox.gzip / s.budgetGzipBytes)],
+  ['target (issue 6)', '', int(s.targetGzipBytes), ratio(s.outbox.gzip / s.targetGzipBytes)],
+  ['budget (`make test` fails past it)', '', int(s.budgetGzipBytes), ratio(s.outbox.gzip / s.budgetGzipBytes)],
 ]));
 md.push('', '**Targets**', '');
 md.push(table(['target', 'measured', 'met'], results.targets.map((t) => [t.target, t.bytes ? `${int(t.measured)} B` : ratio(t.measured), t.met ? 'yes' : '**no**']), 1));
