@@ -39,6 +39,16 @@ pub struct Request {
     pub ops: Vec<Op>,
 }
 
+impl Request {
+    /// The request's ops but those the lease found changed (`vanished`): what to send. When it
+    /// is empty, nothing is sent, and [`Input::Vanished`] has told the drainer so.
+    pub fn without(self, vanished: &[u64]) -> Vec<Op> {
+        let mut ops = self.ops;
+        ops.retain(|op| !vanished.contains(&op.seq));
+        ops
+    }
+}
+
 /// Why the drainer is being woken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WakeReason {
@@ -73,15 +83,16 @@ pub enum Input {
         next_due: Option<Millis>,
     },
     /// Some ops of a request changed in the store before it was sent (see
-    /// [`store::lease`](super::store::lease)) and were left out of it.
+    /// [`store::lease`](super::store::lease)) and were left out of it
+    /// ([`Request::without`]).
     Vanished {
         /// The request.
         request: RequestId,
         /// The `seq`s left out.
         seqs: Vec<u64>,
     },
-    /// The answer to [`Action::Send`]. Every request gets exactly one, even if all of its ops
-    /// vanished (then with any reply; it is ignored for ops not sent).
+    /// The answer to [`Action::Send`]. Every request that was sent gets exactly one; a request
+    /// whose ops all vanished was not sent and gets none.
     Reply {
         /// The request.
         request: RequestId,
@@ -255,6 +266,8 @@ impl Drainer {
                     }
                     ops.retain(|op| !seqs.contains(&op.seq));
                 }
+                // A request with nothing left is over: no reply will come for it.
+                self.in_flight.retain(|(_, ops)| !ops.is_empty());
                 // Something changed underneath: the store knows what.
                 self.load_wanted = true;
             }

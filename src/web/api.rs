@@ -214,9 +214,10 @@ impl Outbox {
         promise(async move {
             shared.check_open()?;
             if seq.fract() != 0.0 || !(1.0..=js_sys::Number::MAX_SAFE_INTEGER).contains(&seq) {
-                return Err(Error::InvalidArgument(format!(
-                    "seq must be a positive integer, not {seq}"
-                )));
+                // Not formatted: printing a float would pull float formatting into the module.
+                return Err(Error::InvalidArgument(
+                    "seq must be a positive integer".into(),
+                ));
             }
             let op = shared
                 .store

@@ -28,7 +28,7 @@ use super::platform::{now, random, with_lock};
 use super::store::Store;
 use super::transport::Transport;
 use crate::core::store::{apply, lease};
-use crate::core::{Action, Config, Drainer, Event, Input, Millis, Op, Reply, WakeReason};
+use crate::core::{Action, Config, Drainer, Event, Input, Millis, Reply, WakeReason};
 
 /// With ops pending but nothing scheduled (paused for credentials, say), look again this often,
 /// so that a renewed token or a lost wake never leaves the queue stranded.
@@ -383,37 +383,17 @@ impl Shared {
                     .store
                     .write(Durability::Relaxed, async |t| lease(t, &request.ops).await)
                     .await?;
+                let (id, mode) = (request.id, request.mode);
+                let ops = request.without(&vanished);
                 if !vanished.is_empty() {
-                    let seqs = vanished.clone();
-                    drainer.handle(
-                        now(),
-                        Input::Vanished {
-                            request: request.id,
-                            seqs,
-                        },
-                    );
+                    let seqs = vanished;
+                    drainer.handle(now(), Input::Vanished { request: id, seqs });
                 }
-                let ops: Vec<Op> = request
-                    .ops
-                    .into_iter()
-                    .filter(|op| !vanished.contains(&op.seq))
-                    .collect();
                 if ops.is_empty() {
-                    let reply = Reply::Unreachable {
-                        reason: "nothing left to send".into(),
-                    };
-                    drainer.handle(
-                        now(),
-                        Input::Reply {
-                            request: request.id,
-                            reply,
-                        },
-                    );
                     return Ok(());
                 }
                 let this = self.clone();
                 let mailbox = mailbox.clone();
-                let mode = request.mode;
                 self.in_flight.set(self.in_flight.get() + 1);
                 wasm_bindgen_futures::spawn_local(async move {
                     let sent = this.transport.send(mode, &ops).await;
@@ -422,7 +402,7 @@ impl Shared {
                         *this.refused.borrow_mut() = Some(sent.credentials);
                     }
                     mailbox.push(Input::Reply {
-                        request: request.id,
+                        request: id,
                         reply: sent.reply,
                     });
                 });

@@ -1171,34 +1171,20 @@ impl Sim {
             }
         }
         let vanished = expect_store(run_now(store::lease(&mut self.store, &request.ops)));
+        let (id, mode) = (request.id, request.mode);
+        let ops = request.without(&vanished);
         if !vanished.is_empty() {
             self.stats.vanished += vanished.len() as u64;
-            self.note(|| format!("request {:?}: vanished {vanished:?}", request.id));
+            self.note(|| format!("request {id:?}: vanished {vanished:?}"));
             self.drainer.handle(
                 now,
                 Input::Vanished {
-                    request: request.id,
-                    seqs: vanished.clone(),
+                    request: id,
+                    seqs: vanished,
                 },
             );
         }
-        let ops: Vec<Op> = request
-            .ops
-            .into_iter()
-            .filter(|op| !vanished.contains(&op.seq))
-            .collect();
         if ops.is_empty() {
-            // Nothing left to send; the drainer still gets its one reply.
-            let reply = Reply::Unreachable {
-                reason: "nothing left to send".into(),
-            };
-            self.drainer.handle(
-                now,
-                Input::Reply {
-                    request: request.id,
-                    reply,
-                },
-            );
             return;
         }
         self.stats.sends += 1;
@@ -1206,7 +1192,7 @@ impl Sim {
         self.note(|| {
             format!(
                 "send {:?}: {}",
-                request.id,
+                id,
                 ops.iter()
                     .map(|o| format!(
                         "seq {} prev {} {:?} {} try {}",
@@ -1218,8 +1204,8 @@ impl Sim {
         });
         self.sent.push((now, ops.clone()));
         self.flights.push(Flight {
-            request: request.id,
-            mode: request.mode,
+            request: id,
+            mode,
             ops,
             body,
             sent_at: now,
