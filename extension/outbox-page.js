@@ -30,12 +30,16 @@ export function connectOutbox() {
     resolveConflict: (id, resolution) => call('resolveConflict', id, resolution),
 
     /**
-     * Live status: `listener({stats})` once, then `listener({event})` for every outbox event.
-     * Returns a function that stops the subscription.
+     * Live status: `listener({stats})` once, then `listener({event})` for every outbox event,
+     * and `listener({disconnected: true})` if the background goes away. Returns a function that
+     * stops the subscription.
      */
     subscribe(listener) {
       const port = ext.runtime.connect({ name: 'outbox-status' });
       port.onMessage.addListener(listener);
+      // The port dies with the background (a stopped service worker): say so rather than go
+      // quiet. Subscribing again restarts the background and sends fresh {stats}.
+      port.onDisconnect.addListener(() => listener({ disconnected: true }));
       return () => port.disconnect();
     },
 
@@ -50,7 +54,7 @@ export function connectOutbox() {
       const final = await call('finalState', request);
       armed?.cancel();
       armed = final.body ? arm(final) : null;
-      return final.receipt;
+      return final.receipt; // never an error once queued: a retry would queue it twice
     },
   };
 }
@@ -58,10 +62,14 @@ export function connectOutbox() {
 function arm({ url, body, headers, token }) {
   if (typeof globalThis.fetchLater === 'function') {
     const controller = new AbortController();
-    // Sent when the document goes away (or never, if cancelled first).
-    globalThis.fetchLater(url, { method: 'POST', body, signal: controller.signal,
-      headers: { ...headers, 'content-type': 'text/plain' } });
-    return { cancel: () => controller.abort() };
+    try {
+      // Sent when the document goes away (or never, if cancelled first).
+      globalThis.fetchLater(url, { method: 'POST', body, signal: controller.signal,
+        headers: { ...headers, 'content-type': 'text/plain' } });
+      return { cancel: () => controller.abort() };
+    } catch {
+      // Over the deferred-fetch quota, or an endpoint it refuses: fall back to the beacon.
+    }
   }
   // sendBeacon cannot carry headers, so the token rides in the envelope.
   const envelope = token ? JSON.stringify({ ...JSON.parse(body), access_token: token }) : body;

@@ -65,6 +65,11 @@ impl Default for Config {
     }
 }
 
+/// The longest delay any setting may ask for: a day.
+pub const MAX_DELAY_MS: Millis = DAY;
+/// The most ops one request may carry (docs/PROTOCOL.md).
+pub const MAX_BATCH_OPS: usize = 500;
+
 /// Why a [`Config`] cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid config: {0}")]
@@ -90,6 +95,36 @@ impl Config {
     /// Checks the values that would make delivery misbehave rather than fail loudly.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |why: &str| Err(ConfigError(why.to_owned()));
+        // Upper bounds keep every sum and product of these values far from overflow, and the
+        // timers they feed within what `setTimeout` accepts (2^31 - 1 ms).
+        let too_long = [
+            ("backoff.capMs", self.backoff.cap_ms),
+            ("maxRetryAfterMs", self.max_retry_after_ms),
+            ("requestTimeoutMs", self.request_timeout_ms),
+            ("breaker.maxOpenMs", self.breaker.max_open_ms),
+        ];
+        for (name, value) in too_long {
+            if value > MAX_DELAY_MS {
+                return Err(ConfigError(format!(
+                    "{name} must be at most {MAX_DELAY_MS} (a day)"
+                )));
+            }
+        }
+        for (name, limits) in [("user", &self.user), ("background", &self.background)] {
+            if limits.max_age_ms > 366 * DAY {
+                return Err(ConfigError(format!(
+                    "{name}.maxAgeMs must be at most a year"
+                )));
+            }
+        }
+        if self.batch.max_ops > MAX_BATCH_OPS {
+            return Err(ConfigError(format!(
+                "batch.maxOps must be at most {MAX_BATCH_OPS}, the protocol's limit per request"
+            )));
+        }
+        if self.max_in_flight > 16 {
+            return fail("maxInFlight must be at most 16");
+        }
         if self.backoff.base_ms == 0 {
             return fail("backoff.baseMs must be at least 1");
         }
@@ -235,6 +270,21 @@ mod tests {
         assert!(config.validate().unwrap_err().0.contains("baseMs"));
         let mut config = Config::default();
         config.limits.max_op_bytes = config.batch.max_bytes + 1;
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn upper_bounds_keep_timers_and_requests_in_range() {
+        let mut config = Config::default();
+        config.backoff.cap_ms = 2 * DAY;
+        assert!(config.validate().unwrap_err().0.contains("backoff.capMs"));
+        let mut config = Config::default();
+        config.batch.max_ops = MAX_BATCH_OPS + 1;
+        assert!(config.validate().unwrap_err().0.contains("batch.maxOps"));
+        let config = Config {
+            request_timeout_ms: u64::MAX,
+            ..Config::default()
+        };
         assert!(config.validate().is_err());
     }
 

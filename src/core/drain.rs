@@ -321,9 +321,12 @@ impl Drainer {
             Breaker::HalfOpen { .. } => return None,
             Breaker::Closed { .. } => {}
         }
+        // A lease already past means a reply is overdue; the shell's timeout brings it. Waking
+        // for it would only spin.
         let leases = self
             .ops_in_flight()
             .filter_map(|op| op.next_attempt_at)
+            .filter(|&at| at > self.now)
             .min();
         let store = self.next_due.filter(|&at| at > self.now);
         let window = self
@@ -521,8 +524,8 @@ impl Drainer {
                     &mut writes,
                     &mut events,
                 ),
-                Verdict::Pause => {
-                    op.last_error = Some("credentials refused (HTTP 401)".into());
+                Verdict::Pause { reason } => {
+                    op.last_error = Some(reason);
                     self.retry_now(now, op, &mut writes);
                     if !self.paused && request.0 >= self.auth_from {
                         self.paused = true;

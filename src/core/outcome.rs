@@ -14,6 +14,13 @@ pub enum Reply {
         /// What the browser said, for the op's `last_error`.
         reason: String,
     },
+    /// Nothing was sent: the application's auth hook gave no usable credentials (it threw,
+    /// timed out, or returned something that is not headers). Treated like a `401`: the queue
+    /// pauses until the hook gives credentials, and the server's health is not in question.
+    NoCredentials {
+        /// Why, without the hook's own words (they may quote a secret).
+        reason: String,
+    },
     /// An HTTP answer.
     Http {
         /// The status code.
@@ -67,8 +74,12 @@ pub enum Verdict {
         /// Why, for the caller.
         reason: String,
     },
-    /// The credentials were refused: hold the whole queue until they are renewed.
-    Pause,
+    /// The credentials were refused (or there were none): hold the whole queue until they are
+    /// renewed.
+    Pause {
+        /// Why, for the op's `last_error`.
+        reason: String,
+    },
     /// A multi-op request was refused as a whole: send each op alone to find the culprit.
     Isolate,
 }
@@ -98,6 +109,14 @@ pub fn classify(
                 healthy: false,
             };
         }
+        Reply::NoCredentials { reason } => {
+            return Classified {
+                verdicts: all(Verdict::Pause {
+                    reason: reason.clone(),
+                }),
+                healthy: true,
+            };
+        }
         Reply::Http {
             status,
             retry_after,
@@ -123,7 +142,9 @@ pub fn classify(
                 _ => all(retry(true, 0, "single mode sent several ops".into())),
             },
         },
-        401 => all(Verdict::Pause),
+        401 => all(Verdict::Pause {
+            reason: "credentials refused (HTTP 401)".into(),
+        }),
         408 => all(retry(true, floor, "HTTP 408 request timeout".into())),
         429 | 503 => all(retry(false, floor, format!("HTTP {status}: busy"))),
         425 => all(retry(
@@ -337,7 +358,7 @@ mod tests {
             one(425, None, "").0,
             Verdict::Retry { counts: true, .. }
         ));
-        assert_eq!(one(401, None, "").0, Verdict::Pause);
+        assert!(matches!(one(401, None, "").0, Verdict::Pause { .. }));
         for status in [400, 403, 404, 413, 422] {
             assert!(
                 matches!(one(status, None, "").0, Verdict::Dead { .. }),
@@ -375,6 +396,20 @@ mod tests {
             c.verdicts
                 .iter()
                 .all(|v| matches!(v, Verdict::Retry { counts: false, .. }))
+        );
+    }
+
+    #[test]
+    fn missing_credentials_pause_without_blaming_the_server() {
+        let reply = Reply::NoCredentials {
+            reason: "the auth hook failed".into(),
+        };
+        let c = classify(SendMode::Batch, &[op(1), op(2)], &reply, 0, 0);
+        assert!(c.healthy, "the breaker must not count it");
+        assert!(
+            c.verdicts
+                .iter()
+                .all(|v| matches!(v, Verdict::Pause { .. }))
         );
     }
 

@@ -7,7 +7,7 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::future_to_promise;
 
-use super::error::{Error, Result, js_error};
+use super::error::{Error, JsError, Result, js_error};
 use super::idb::Durability;
 use super::platform::{now, random_id};
 use super::schema;
@@ -32,16 +32,27 @@ export interface OutboxConfig {
   auth?: () => Record<string, string> | null | Promise<Record<string, string> | null>;
   /** Called with the time of the next wake-up (ms since epoch), or null for none; map it to chrome.alarms. */
   schedule?: (atMs: number | null) => void;
+  /** Retry delays: full jitter in [0, min(capMs, baseMs * factor^attempts)]. Defaults 100 ms, 2, 30 s. */
   backoff?: { baseMs?: number; factor?: number; capMs?: number };
+  /** When to give up on `priority: "user"` ops: server failures tolerated, and age. Defaults 8, a day. */
   user?: { maxAttempts: number; maxAgeMs: number };
+  /** The same for `priority: "background"` ops. Defaults 50, a week. */
   background?: { maxAttempts: number; maxAgeMs: number };
+  /** The longest Retry-After honoured. Default 10 minutes. */
   maxRetryAfterMs?: number;
+  /** How long a request (and the auth hook) may take. Default 5 s. */
   requestTimeoutMs?: number;
+  /** Requests in flight at once. Default 2. */
   maxInFlight?: number;
+  /** Ops per request (at most 500) and bytes per request; `single` sends one op per request with an Idempotency-Key. */
   batch?: { maxOps?: number; maxBytes?: number; mode?: "batch" | "single" };
+  /** Queue caps: past them `enqueue` rejects with QUEUE_FULL or OP_TOO_LARGE. */
   limits?: { maxPending?: number; maxBytes?: number; maxOpBytes?: number };
+  /** The circuit breaker: opens at failureRate of the last `window` calls once `minCalls` were made. */
   breaker?: { window?: number; minCalls?: number; failureRate?: number; openMs?: number; maxOpenMs?: number };
+  /** The conflict policy of kinds not in `kinds`. Default "server-wins". */
   defaultConflict?: ConflictPolicy;
+  /** Per-kind conflict policy, and whether a newer op of the kind replaces a queued one. */
   kinds?: Record<string, { conflict: ConflictPolicy; coalesce?: boolean }>;
 }
 export type ConflictPolicy = "server-wins" | "client-wins" | "manual";
@@ -57,14 +68,19 @@ export interface EnqueueRequest {
   baseVersion?: number;
   priority?: "user" | "background";
 }
+/** What `enqueue` resolves with: the op's id (its idempotency key), its place in this client's sequence, and the queued op it replaced, if its kind coalesces. */
 export interface Receipt { id: string; seq: number; replaced: string | null }
+/** A queued op as `pending()` lists it. */
 export interface QueuedOp {
   id: string; seq: number; prev: number; entity: string | null; kind: string; payload: unknown;
   baseVersion: number | null; priority: "user" | "background"; createdAt: number;
   attempts: number; failures: number; nextAttemptAt: number | null; lastError: string | null;
 }
+/** An op delivery gave up on; `cause` says which rule. */
 export interface DeadLetter { op: QueuedOp; reason: string; status: number | null; cause: "rejected" | "exhausted" | "expired" | "ambiguous"; at: number }
+/** An op parked by the `manual` policy, with the server's side. */
 export interface Conflict { op: QueuedOp; serverVersion: number | null; serverState: unknown; at: number }
+/** Counts and states for a status UI; `draining` and `inFlight` are this context's. */
 export interface Stats {
   client: string; pending: number; bytes: number; deadLetters: number; conflicts: number;
   nextAttemptAt: number | null; paused: boolean; draining: boolean; inFlight: number;
@@ -72,8 +88,12 @@ export interface Stats {
 }
 export type OutboxEventName = "delivered" | "retry-scheduled" | "dead-lettered" | "conflict" | "auth-required"
   | "breaker-opened" | "breaker-closed" | "queue-full" | "drained" | "error";
+/** Why `wake` is called. `"auth"` says the credentials were renewed: a paused queue resumes. `"online"` and `"flush"` also end an open circuit breaker early. */
 export type WakeReason = "start" | "timer" | "alarm" | "online" | "sync" | "message" | "enqueued" | "flush" | "auth";
 "#;
+
+/// The most ops `pending()` lists at once.
+const MAX_LISTED: u32 = 10_000;
 
 /// A durable outbox of user actions, delivered to a backend exactly once in effect.
 #[wasm_bindgen]
@@ -168,8 +188,10 @@ impl Outbox {
                 "enqueued" => WakeReason::Enqueued,
                 "flush" => WakeReason::Flush,
                 "auth" => {
-                    shared.credentials_renewed();
-                    WakeReason::Message
+                    if let Some(drain) = shared.renew_auth() {
+                        drain.await;
+                    }
+                    return Ok(JsValue::UNDEFINED);
                 }
                 other => {
                     return Err(Error::InvalidArgument(format!(
@@ -197,10 +219,14 @@ impl Outbox {
         let shared = self.shared.clone();
         promise(async move {
             shared.check_open()?;
-            let ops = shared
-                .store
-                .read(async |t| t.pending(limit.unwrap_or(100)).await)
-                .await?;
+            // IndexedDB reads 0 as "no limit": the whole queue could come back.
+            let limit = limit.unwrap_or(100);
+            if !(1..=MAX_LISTED).contains(&limit) {
+                return Err(Error::InvalidArgument(format!(
+                    "limit must be 1 to {MAX_LISTED}"
+                )));
+            }
+            let ops = shared.store.read(async |t| t.pending(limit).await).await?;
             to_js(&ops.iter().map(OpView::from).collect::<Vec<_>>())
         })
     }
@@ -383,8 +409,15 @@ async fn open(config: JsValue) -> Result<Outbox> {
         ));
     };
     // Split the shell's options from the core's; the core rejects unknown fields, which catches
-    // misspelled options.
-    let rest = Object::assign(&Object::new(), object);
+    // misspelled options. Copied through Reflect, whose errors are values: a getter that throws
+    // must not unwind through the module.
+    let rest = Object::new();
+    let unreadable =
+        |e: JsValue| Error::InvalidConfig(format!("options unreadable: {}", JsError::from(e)));
+    for key in Reflect::own_keys(object).map_err(unreadable)?.iter() {
+        let value = Reflect::get(object, &key).map_err(unreadable)?;
+        Reflect::set(&rest, &key, &value).map_err(unreadable)?;
+    }
     let take = |name: &str| -> JsValue {
         let value = Reflect::get(&rest, &name.into()).unwrap_or(JsValue::UNDEFINED);
         let _ = Reflect::delete_property(&rest, &name.into());
@@ -456,6 +489,14 @@ async fn open(config: JsValue) -> Result<Outbox> {
     });
     db.set_onversionchange(Some(on_version_change.as_ref().unchecked_ref()));
     on_version_change.forget();
+    let weak = Rc::downgrade(&shared);
+    let on_close = Closure::<dyn Fn()>::new(move || {
+        if let Some(shared) = weak.upgrade() {
+            shared.lost_database();
+        }
+    });
+    db.set_onclose(Some(on_close.as_ref().unchecked_ref()));
+    on_close.forget();
     if let Some(drain) = shared.wake(WakeReason::Start) {
         wasm_bindgen_futures::spawn_local(drain);
     }
@@ -533,7 +574,9 @@ fn parse_draft(request: &JsValue) -> Result<Draft> {
             "enqueue takes an object {entity?, kind, payload, baseVersion?, priority?}".into(),
         ));
     };
-    for key in Object::keys(object).iter() {
+    let keys = Reflect::own_keys(object)
+        .map_err(|e| invalid(format!("unreadable: {}", JsError::from(e))))?;
+    for key in keys.iter() {
         let key = key.as_string().unwrap_or_default();
         if !["entity", "kind", "payload", "baseVersion", "priority"].contains(&key.as_str()) {
             return Err(invalid(format!("unknown field {key:?}")));

@@ -33,13 +33,13 @@ extern "C" {
     /// `navigator.locks` (bound by hand: web-sys marks the Web Locks API unstable).
     type LockManager;
 
-    #[wasm_bindgen(method, js_name = request)]
+    #[wasm_bindgen(method, catch, js_name = request)]
     fn request_with_options(
         this: &LockManager,
         name: &str,
         options: &JsValue,
         callback: &Function,
-    ) -> Promise;
+    ) -> Result<Promise, JsValue>;
 }
 
 fn lock_manager() -> Option<LockManager> {
@@ -52,8 +52,9 @@ fn lock_manager() -> Option<LockManager> {
 /// at a time (service worker, popup, options page alike). With `wait`, waits for the lock;
 /// without, gives up at once if it is taken. Returns whether `work` ran.
 ///
-/// Without Web Locks (very old browsers), `work` runs unguarded: a single context is still
-/// correct, and leases keep two drainers from sending the same op twice in a row.
+/// Without Web Locks (very old browsers), or where requesting one fails (an opaque origin),
+/// `work` runs unguarded: a single context is still correct, and leases keep two drainers from
+/// sending the same op twice in a row.
 pub async fn with_lock<F>(name: &str, wait: bool, work: F) -> bool
 where
     F: std::future::Future<Output = ()> + 'static,
@@ -65,9 +66,11 @@ where
     let options = js_sys::Object::new();
     // Setting a property on a fresh object cannot fail.
     let _ = Reflect::set(&options, &"ifAvailable".into(), &JsValue::from_bool(!wait));
-    let mut work = Some(work);
+    // Shared with the callback, so that work the callback never took can run unguarded.
+    let work = std::rc::Rc::new(std::cell::RefCell::new(Some(work)));
+    let offered = work.clone();
     let callback = Closure::once_into_js(move |lock: JsValue| -> Promise {
-        match work.take() {
+        match offered.borrow_mut().take() {
             Some(work) if !lock.is_null() => wasm_bindgen_futures::future_to_promise(async move {
                 work.await;
                 Ok(JsValue::TRUE)
@@ -76,5 +79,25 @@ where
         }
     });
     let held = locks.request_with_options(name, &options, callback.unchecked_ref());
-    matches!(JsFuture::from(held).await, Ok(ran) if ran.is_truthy())
+    let held = match held {
+        Ok(held) => JsFuture::from(held).await,
+        Err(error) => Err(error),
+    };
+    match held {
+        Ok(ran) => ran.is_truthy(),
+        Err(error) => {
+            web_sys::console::warn_2(
+                &"outbox: Web Lock request failed; draining unguarded:".into(),
+                &error,
+            );
+            let unclaimed = work.borrow_mut().take();
+            match unclaimed {
+                Some(work) => {
+                    work.await;
+                    true
+                }
+                None => false,
+            }
+        }
+    }
 }

@@ -5,7 +5,7 @@
 //! | `ops` | `seq` | `by_due` on `next_attempt_at`; `by_entity` on `[entity, seq]` | pending ops |
 //! | `dead_letters` | `id` | | ops delivery gave up on |
 //! | `conflicts` | `id` | | ops parked by the `manual` policy |
-//! | `meta` | out of line | | `client`, `counters`, `breaker`, `paused` |
+//! | `meta` | out of line | | `client`, `counters`, `breaker`, `paused`, `refused` |
 //!
 //! A record is its JSON text in `json`, beside copies of the fields that keys and indexes name
 //! (see [`store`](super::store)); meta values are JSON text.
@@ -61,6 +61,8 @@ pub const META_COUNTERS: &str = "counters";
 pub const META_BREAKER: &str = "breaker";
 /// Meta key of the pause flag.
 pub const META_PAUSED: &str = "paused";
+/// Meta key of the checksum of the last refused credentials (never the credentials).
+pub const META_REFUSED: &str = "refused";
 
 /// Brings the database from `old_version` to [`VERSION`]. Runs inside `upgradeneeded`.
 pub fn migrate(db: &IdbDatabase, old_version: u32) -> Result<(), JsValue> {

@@ -8,8 +8,10 @@
 //!
 //! Every wake lands somewhere: in the running session's mailbox, or in `wake_pending` while a
 //! session is starting or ending (it is replayed once the lock is released), or it starts a
-//! session. Nothing depends on a wake arriving, though: each session begins by loading from the
-//! store, and an alarm is always armed while ops are pending.
+//! session. A renewal of credentials (`wake("auth")`) reaches a running session as
+//! `AuthRenewed`, or waits in `renewed` for the next. Nothing depends on a wake arriving, though:
+//! each session begins by loading from the store, and while ops are pending the `schedule` hook
+//! always has an alarm armed.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -26,12 +28,14 @@ use super::error::{Error, Result, js_error};
 use super::idb::Durability;
 use super::platform::{now, random, with_lock};
 use super::store::Store;
-use super::transport::Transport;
+use super::transport::{Transport, timer_ms};
 use crate::core::store::{apply, lease};
 use crate::core::{Action, Config, Drainer, Event, Input, Millis, Reply, WakeReason};
 
-/// With ops pending but nothing scheduled (paused for credentials, say), look again this often,
-/// so that a renewed token or a lost wake never leaves the queue stranded.
+/// With ops pending but nothing scheduled (paused for credentials, say), the `schedule` hook is
+/// asked to wake the context this often, so that a token renewed without `wake("auth")`, or a
+/// lost wake, never leaves the queue stranded. (Only the hook: an in-memory timer would keep a
+/// window busy for nothing, and a service worker is stopped anyway.)
 const HEARTBEAT_MS: Millis = 60_000;
 
 /// Inputs for the running session, from replies, probes and wakes.
@@ -56,7 +60,7 @@ impl Mailbox {
     /// The next input, or a timer wake at `deadline` if nothing comes first.
     async fn recv(&self, deadline: Option<Millis>) -> Input {
         let mut timer = deadline.map(|at| {
-            let delay = at.saturating_sub(now()).min(u64::from(u32::MAX)) as u32;
+            let delay = timer_ms(at.saturating_sub(now()));
             Box::pin(gloo_timers::future::TimeoutFuture::new(delay))
         });
         poll_fn(|cx| {
@@ -132,9 +136,9 @@ pub struct Shared {
     timer: RefCell<Option<gloo_timers::callback::Timeout>>,
     closed: Cell<Option<&'static str>>,
     in_flight: Cell<usize>,
-    /// The credentials last refused with a 401 (`Some(None)`: refused without any). `None`:
-    /// unknown, as after a restart. Kept in memory only: secrets never reach the store.
-    refused: RefCell<Option<Option<String>>>,
+    /// The application said (`wake("auth")`) that credentials were renewed: the next session
+    /// resumes a paused queue without comparing credentials.
+    renewed: Cell<bool>,
 }
 
 /// What contexts of the same outbox broadcast to each other: this word, for "someone enqueued
@@ -166,7 +170,7 @@ impl Shared {
             timer: RefCell::new(None),
             closed: Cell::new(None),
             in_flight: Cell::new(0),
-            refused: RefCell::new(None),
+            renewed: Cell::new(false),
         });
         shared.listen();
         shared
@@ -242,9 +246,24 @@ impl Shared {
         self.listeners.dispatch("error", &js);
     }
 
-    /// Forgets the refused credentials, so the next session tries the auth hook's again.
-    pub fn credentials_renewed(&self) {
-        *self.refused.borrow_mut() = None;
+    /// The application renewed the credentials (`wake("auth")`): resume a paused queue, in the
+    /// running session or the next one.
+    pub fn renew_auth(self: &Rc<Self>) -> Option<impl Future<Output = ()> + use<>> {
+        if let Some(mailbox) = self.running.borrow().as_ref() {
+            mailbox.push(Input::AuthRenewed);
+            return None;
+        }
+        self.renewed.set(true);
+        self.wake(WakeReason::Message)
+    }
+
+    /// The browser closed the database under us (site data cleared, storage evicted, a backend
+    /// failure): nothing works any more, and the application must hear it.
+    pub fn lost_database(&self) {
+        if self.closed.get().is_none() {
+            self.close("the browser closed the database (site data cleared or storage evicted)");
+            self.report(&Error::Closed("the browser closed the database"));
+        }
     }
 
     /// Something happened that may make ops deliverable. Returns a future that ends when the
@@ -316,9 +335,9 @@ impl Shared {
 
     async fn session(self: &Rc<Self>, reason: WakeReason, mailbox: &Rc<Mailbox>) -> Result<()> {
         self.check_open()?;
-        let (breaker, paused) = self.store.read(async |t| t.drainer_state().await).await?;
+        let (breaker, paused, refused) = self.store.read(async |t| t.drainer_state().await).await?;
         let mut drainer = Drainer::new(self.config.clone(), breaker, paused, random()?);
-        if paused && self.auth_changed().await {
+        if paused && (self.renewed.take() || self.auth_changed(refused).await) {
             drainer.handle(now(), Input::AuthRenewed);
         }
         drainer.handle(now(), Input::Wake(reason));
@@ -353,11 +372,12 @@ impl Shared {
         Ok(())
     }
 
-    async fn auth_changed(&self) -> bool {
-        let refused = self.refused.borrow().clone();
-        match refused {
-            None => true,
-            Some(refused) => self.transport.credentials().await != refused,
+    /// Whether the auth hook now gives credentials other than those refused (whose checksum,
+    /// `refused`, the send that got the 401 stored). A hook that fails gives none: still paused.
+    async fn auth_changed(&self, refused: Option<u32>) -> bool {
+        match self.transport.credentials().await {
+            Ok(current) => refused != Some(credentials_checksum(&current)),
+            Err(_) => false,
         }
     }
 
@@ -399,7 +419,16 @@ impl Shared {
                     let sent = this.transport.send(mode, &ops).await;
                     this.in_flight.set(this.in_flight.get() - 1);
                     if matches!(sent.reply, Reply::Http { status: 401, .. }) {
-                        *this.refused.borrow_mut() = Some(sent.credentials);
+                        // Before the reply is handed over, so a pause is never stored without
+                        // what tells a renewal from the refused credentials.
+                        let checksum = credentials_checksum(&sent.credentials);
+                        let stored = this
+                            .store
+                            .write(Durability::Relaxed, async |t| t.put_refused(checksum))
+                            .await;
+                        if let Err(error) = stored {
+                            this.report(&error);
+                        }
                     }
                     mailbox.push(Input::Reply {
                         request: id,
@@ -431,7 +460,7 @@ impl Shared {
     fn arm(self: &Rc<Self>, next_wake: Option<Millis>, pending: bool) {
         let weak = Rc::downgrade(self);
         *self.timer.borrow_mut() = next_wake.map(|at| {
-            let delay = at.saturating_sub(now()).min(u64::from(u32::MAX)) as u32;
+            let delay = timer_ms(at.saturating_sub(now()));
             gloo_timers::callback::Timeout::new(delay, move || {
                 if let Some(this) = weak.upgrade()
                     && let Some(drain) = this.wake(WakeReason::Timer)
@@ -474,4 +503,14 @@ impl Shared {
         }
         self.store.close();
     }
+}
+
+/// A 32-bit FNV-1a checksum of the credentials a request carried, stored when they are refused.
+/// It tells whether later credentials differ and cannot give a token back: secrets never reach
+/// the store, but a paused queue must know after a restart whether to try again.
+pub fn credentials_checksum(credentials: &Option<String>) -> u32 {
+    let text = credentials.as_deref().unwrap_or("");
+    text.bytes().fold(0x811c_9dc5, |hash, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    })
 }

@@ -222,13 +222,24 @@ impl IdbTxn {
         Self::put(&self.meta, &encode(&client)?.into(), Some(META_CLIENT))
     }
 
-    /// The persisted breaker and pause flag.
-    pub async fn drainer_state(&mut self) -> Result<(Breaker, bool)> {
+    /// The persisted breaker, pause flag, and checksum of the last refused credentials.
+    pub async fn drainer_state(&mut self) -> Result<(Breaker, bool, Option<u32>)> {
         let breaker = Self::issue_get(&self.meta, &META_BREAKER.into())?;
         let paused = Self::issue_get(&self.meta, &META_PAUSED.into())?;
+        let refused = Self::issue_get(&self.meta, &META_REFUSED.into())?;
         let breaker: Option<Breaker> = decode(breaker.result().await?)?;
         let paused: Option<bool> = decode(paused.result().await?)?;
-        Ok((breaker.unwrap_or_default(), paused.unwrap_or(false)))
+        let refused: Option<u32> = decode(refused.result().await?)?;
+        Ok((
+            breaker.unwrap_or_default(),
+            paused.unwrap_or(false),
+            refused,
+        ))
+    }
+
+    /// Stores the checksum of refused credentials (see `session::credentials_checksum`).
+    pub fn put_refused(&mut self, checksum: u32) -> Result<()> {
+        Self::put(&self.meta, &encode(&checksum)?.into(), Some(META_REFUSED))
     }
 
     /// Everything `stats()` shows, read in one round.

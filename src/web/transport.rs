@@ -1,6 +1,6 @@
 //! HTTP: sending requests of ops and probing health, with the global `fetch`.
 
-use js_sys::{Object, Promise, Reflect};
+use js_sys::{Promise, Reflect};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
@@ -62,7 +62,7 @@ impl Transport {
             Ok(found) => found,
             Err(reason) => {
                 return Sent {
-                    reply: Reply::Unreachable { reason },
+                    reply: Reply::NoCredentials { reason },
                     credentials: None,
                 };
             }
@@ -95,41 +95,59 @@ impl Transport {
         )
     }
 
-    /// The credentials the auth hook gives now, as a fingerprint (see [`Sent::credentials`]).
-    pub async fn credentials(&self) -> Option<String> {
-        self.headers()
-            .await
-            .ok()
-            .and_then(|(_, fingerprint)| fingerprint)
+    /// The credentials the auth hook gives now, as a fingerprint (see [`Sent::credentials`]), or
+    /// an error when it gives none that can be used.
+    pub async fn credentials(&self) -> Result<Option<String>, String> {
+        self.headers().await.map(|(_, fingerprint)| fingerprint)
     }
 
+    /// Calls the auth hook, within the request timeout: a hook that waits on a stalled token
+    /// refresh must not hold the queue. Errors are fixed sentences, because the hook's own
+    /// messages (and the browser's, about a bad header value) may quote a secret, and these end
+    /// up in `last_error`, in the store; the details go to the console only.
     async fn headers(&self) -> Result<(Headers, Option<String>), String> {
         let headers = Headers::new().map_err(|_| "Headers is not constructible".to_owned())?;
         let Some(auth) = &self.auth else {
             return Ok((headers, None));
         };
-        let fail = |e: JsValue| format!("auth hook failed: {}", super::error::JsError::from(e));
-        let mut given = auth.call0(&JsValue::NULL).map_err(fail)?;
+        let failed = |detail: &JsValue| {
+            web_sys::console::warn_2(&"outbox: the auth hook failed:".into(), detail);
+            "the auth hook failed".to_owned()
+        };
+        let mut given = auth.call0(&JsValue::NULL).map_err(|e| failed(&e))?;
         if let Some(promise) = given.dyn_ref::<Promise>() {
-            given = JsFuture::from(promise.clone()).await.map_err(fail)?;
+            let answer = JsFuture::from(promise.clone());
+            let deadline = gloo_timers::future::TimeoutFuture::new(timer_ms(self.timeout_ms));
+            given = match futures_select(answer, deadline).await {
+                Some(Ok(value)) => value,
+                Some(Err(e)) => return Err(failed(&e)),
+                None => {
+                    return Err(format!(
+                        "the auth hook did not answer within {} ms",
+                        self.timeout_ms
+                    ));
+                }
+            };
         }
         if given.is_undefined() || given.is_null() {
             return Ok((headers, None));
         }
-        let Some(object) = given.dyn_ref::<Object>() else {
-            return Err("auth hook must return an object of header names to values".into());
-        };
-        for entry in Object::entries(object).iter() {
-            let name = Reflect::get_u32(&entry, 0).ok().and_then(|v| v.as_string());
-            let value = Reflect::get_u32(&entry, 1).ok().and_then(|v| v.as_string());
-            let (Some(name), Some(value)) = (name, value) else {
-                return Err("auth hook must return string header values".into());
+        let unusable =
+            || "the auth hook must return an object of header names to strings".to_owned();
+        if !given.is_object() {
+            return Err(unusable());
+        }
+        // Reflect, not Object.entries: its errors come back as values, so a getter that throws
+        // cannot unwind through the module.
+        let names = Reflect::own_keys(&given).map_err(|e| failed(&e))?;
+        for name in names.iter() {
+            let value = Reflect::get(&given, &name).map_err(|e| failed(&e))?;
+            let (Some(name), Some(value)) = (name.as_string(), value.as_string()) else {
+                return Err(unusable());
             };
             headers.set(&name, &value).map_err(|e| {
-                format!(
-                    "auth hook gave a bad header {name:?}: {}",
-                    super::error::JsError::from(e)
-                )
+                failed(&e);
+                format!("the auth hook gave an invalid value for header {name:?}")
             })?;
         }
         let fingerprint = js_sys::JSON::stringify(&given)
@@ -162,12 +180,9 @@ impl Transport {
         // The timer aborts the request, headers and body alike, and is cancelled when dropped.
         let timeout = {
             let controller = controller.clone();
-            gloo_timers::callback::Timeout::new(
-                self.timeout_ms.min(u32::MAX as u64) as u32,
-                move || {
-                    controller.abort();
-                },
-            )
+            gloo_timers::callback::Timeout::new(timer_ms(self.timeout_ms), move || {
+                controller.abort();
+            })
         };
         let reply = async {
             let response: Response = JsFuture::from(global_fetch(&url, &init))
@@ -195,4 +210,21 @@ fn unreachable(error: JsValue) -> Reply {
         error.to_string()
     };
     Reply::Unreachable { reason }
+}
+
+/// A delay for `setTimeout`, which takes a signed 32-bit count: longer ones fire at once.
+pub fn timer_ms(ms: Millis) -> u32 {
+    ms.min(i32::MAX as Millis) as u32
+}
+
+/// The first of two futures to finish: `Some` with `first`'s output, or `None` if `second` won.
+async fn futures_select<A: Future, B: Future>(first: A, second: B) -> Option<A::Output> {
+    let (mut first, mut second) = (std::pin::pin!(first), std::pin::pin!(second));
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(output) = first.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Some(output));
+        }
+        second.as_mut().poll(cx).map(|_| None)
+    })
+    .await
 }

@@ -735,3 +735,60 @@ async fn schema_upgrade_keeps_data_and_closes_old_connections() {
     newer.close();
     assert_eq!(error_code(old.stats()).await, "CLOSED");
 }
+
+#[wasm_bindgen_test]
+async fn a_failing_or_hung_auth_hook_pauses_without_storing_its_words() {
+    let db = unique("hook");
+    let mode = Rc::new(RefCell::new("throw"));
+    let hook_mode = mode.clone();
+    let hook = Closure::<dyn Fn() -> JsValue>::new(move || {
+        // Copied out first: a JS throw skips Rust destructors, so no borrow may be live then.
+        let mode = *hook_mode.borrow();
+        hook_answer(mode)
+    })
+    .into_js_value();
+    fn hook_answer(mode: &str) -> JsValue {
+        match mode {
+            "throw" => wasm_bindgen::throw_str("token=SECRET-123 expired"),
+            // A token refresh that never finishes.
+            "hang" => js_sys::Promise::new(&mut |_, _| {}).into(),
+            _ => to_js(&json!({"authorization": "Bearer secret"})),
+        }
+    }
+    let config = to_js(
+        &json!({"endpoint": server(), "database": db, "requestTimeoutMs": 300,
+                               "backoff": {"baseMs": 10, "capMs": 80}}),
+    );
+    Reflect::set(&config, &"auth".into(), &hook).unwrap();
+    let outbox = Outbox::connect(config).await.unwrap();
+    let auth_required = record(&outbox, "auth-required");
+    let opened = record(&outbox, "breaker-opened");
+    enqueue(
+        &outbox,
+        json!({"entity": format!("{db}/e"), "kind": "k", "payload": {}}),
+    )
+    .await;
+    eventually("auth-required", async || auth_required.borrow().len() == 1).await;
+    let pending = ok(outbox.pending(None)).await;
+    let error = pending[0]["lastError"].as_str().unwrap().to_owned();
+    assert_eq!(error, "the auth hook failed");
+    assert!(
+        !error.contains("SECRET"),
+        "the hook's words stay out of the store"
+    );
+
+    // A hook that hangs gives up after the request timeout instead of holding the queue.
+    *mode.borrow_mut() = "hang";
+    ok(outbox.wake("auth".into())).await;
+    eventually("the hung hook times out", async || {
+        auth_required.borrow().len() == 2
+    })
+    .await;
+    assert_eq!(stats(&outbox).await["draining"], false);
+    assert!(opened.borrow().is_empty(), "the server was never blamed");
+
+    *mode.borrow_mut() = "ok";
+    ok(outbox.wake("auth".into())).await;
+    eventually("delivered", async || stats(&outbox).await["pending"] == 0).await;
+    assert_eq!(stats(&outbox).await["paused"], false);
+}
