@@ -633,13 +633,7 @@ async fn submit<S: Store>(st: &AppState<S>, route: Route, req: Request) -> Respo
                 status,
                 retry_after,
             } => {
-                let mut problem = Problem::new(
-                    StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-                    "injected",
-                    "Injected fault",
-                    format!("fault injection answered {status}; nothing was applied"),
-                );
-                problem.retry_after = retry_after;
+                let problem = injected(status, retry_after, "; nothing was applied");
                 return seen.problem(st, &env, problem);
             }
             Fault::Delay { ms } => tokio::time::sleep(Duration::from_millis(ms)).await,
@@ -839,14 +833,7 @@ async fn health<S: Store>(State(st): State<Arc<AppState<S>>>) -> Response {
                 status,
                 retry_after,
             } => {
-                let mut problem = Problem::new(
-                    StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-                    "injected",
-                    "Injected fault",
-                    format!("fault injection answered {status}"),
-                );
-                problem.retry_after = retry_after;
-                return problem.into_response();
+                return injected(status, retry_after, "").into_response();
             }
             Fault::Delay { ms } => tokio::time::sleep(Duration::from_millis(ms)).await,
             Fault::ResetBeforeCommit | Fault::DropAfterCommit => return dropped_connection(),
@@ -1007,6 +994,18 @@ async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> Response {
         format!("{method} is not allowed on {}", uri.path()),
     )
     .into_response()
+}
+
+/// The answer of an injected status fault.
+fn injected(status: u16, retry_after: Option<u64>, detail: &str) -> Problem {
+    let mut problem = Problem::new(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+        "injected",
+        "Injected fault",
+        format!("fault injection answered {status}{detail}"),
+    );
+    problem.retry_after = retry_after;
+    problem
 }
 
 #[cfg(test)]
