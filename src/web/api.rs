@@ -18,7 +18,9 @@ use super::views::{
     BreakerView, ConflictView, DeadLetterView, OpView, ReceiptView, StatsView, to_js,
 };
 use crate::core::store::{self as queue, QueueTxn};
-use crate::core::{Breaker, Config, Draft, Event, OpId, Priority, Refusal, Resolution, WakeReason};
+use crate::core::{
+    Breaker, Config, Draft, Event, OpId, Priority, Receipt, Refusal, Resolution, WakeReason,
+};
 
 #[wasm_bindgen(typescript_custom_section)]
 const TYPES: &str = r#"
@@ -150,10 +152,7 @@ impl Outbox {
                 }
                 other => other?,
             };
-            if let Some(drain) = shared.wake(WakeReason::Enqueued) {
-                wasm_bindgen_futures::spawn_local(drain);
-            }
-            to_js(&ReceiptView::from(&receipt))
+            queued(&shared, &receipt)
         })
     }
 
@@ -285,10 +284,7 @@ impl Outbox {
                     queue::retry_dead_letter(t, config, id, fresh, at).await
                 })
                 .await?;
-            if let Some(drain) = shared.wake(WakeReason::Enqueued) {
-                wasm_bindgen_futures::spawn_local(drain);
-            }
-            to_js(&ReceiptView::from(&receipt))
+            queued(&shared, &receipt)
         })
     }
 
@@ -352,12 +348,7 @@ impl Outbox {
                 })
                 .await?;
             match receipt {
-                Some(receipt) => {
-                    if let Some(drain) = shared.wake(WakeReason::Enqueued) {
-                        wasm_bindgen_futures::spawn_local(drain);
-                    }
-                    to_js(&ReceiptView::from(&receipt))
-                }
+                Some(receipt) => queued(&shared, &receipt),
                 None => Ok(JsValue::NULL),
             }
         })
@@ -497,9 +488,7 @@ async fn open(config: JsValue) -> Result<Outbox> {
     });
     db.set_onclose(Some(on_close.as_ref().unchecked_ref()));
     on_close.forget();
-    if let Some(drain) = shared.wake(WakeReason::Start) {
-        wasm_bindgen_futures::spawn_local(drain);
-    }
+    shared.spawn_wake(WakeReason::Start);
     Ok(Outbox { shared })
 }
 
@@ -547,6 +536,12 @@ async fn stats(shared: &Shared) -> Result<JsValue> {
             },
         },
     })
+}
+
+/// After an op is durably queued: start delivering it, and answer with its receipt.
+fn queued(shared: &Rc<Shared>, receipt: &Receipt) -> Result<JsValue> {
+    shared.spawn_wake(WakeReason::Enqueued);
+    to_js(&ReceiptView::from(receipt))
 }
 
 fn parse_id(id: &str) -> Result<OpId> {

@@ -324,8 +324,9 @@ impl Shared {
         }
     }
 
-    /// Wakes without waiting for the resulting session (which would make `drain` recursive).
-    fn spawn_wake(self: &Rc<Self>, reason: WakeReason) {
+    /// Wakes without waiting for the resulting session (which would also make `drain`
+    /// recursive).
+    pub fn spawn_wake(self: &Rc<Self>, reason: WakeReason) {
         if let Some(drain) = self.wake(reason) {
             wasm_bindgen_futures::spawn_local(
                 Box::pin(drain) as std::pin::Pin<Box<dyn Future<Output = ()>>>
@@ -462,10 +463,8 @@ impl Shared {
         *self.timer.borrow_mut() = next_wake.map(|at| {
             let delay = timer_ms(at.saturating_sub(now()));
             gloo_timers::callback::Timeout::new(delay, move || {
-                if let Some(this) = weak.upgrade()
-                    && let Some(drain) = this.wake(WakeReason::Timer)
-                {
-                    wasm_bindgen_futures::spawn_local(drain);
+                if let Some(this) = weak.upgrade() {
+                    this.spawn_wake(WakeReason::Timer);
                 }
             })
         });
