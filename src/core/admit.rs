@@ -35,6 +35,25 @@ pub enum Refusal {
     /// No dead letter or conflict has that id.
     #[error("nothing with id {0}")]
     NotFound(OpId),
+    /// A caller's key is malformed.
+    #[error("invalid key: {0}")]
+    InvalidKey(String),
+    /// A caller's key came with another request than the one it first came with.
+    #[error("key {0:?} was used for another request")]
+    KeyReused(String),
+}
+
+/// Longest caller key, in bytes.
+pub const MAX_KEY_BYTES: usize = 200;
+
+/// Checks a caller's idempotency key: 1 to [`MAX_KEY_BYTES`] bytes of visible ASCII.
+pub fn validate_key(key: &str) -> Result<(), Refusal> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Refusal::InvalidKey(format!(
+            "a key must be 1 to {MAX_KEY_BYTES} visible ASCII characters"
+        )));
+    }
+    Ok(())
 }
 
 /// An admitted op and what admission changed.

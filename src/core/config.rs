@@ -39,6 +39,10 @@ pub struct Config {
     pub default_conflict: ConflictPolicy,
     /// Per-kind policies.
     pub kinds: BTreeMap<String, KindPolicy>,
+    /// How long a caller's idempotency key is remembered after its call: a call repeated with the
+    /// same key within this time gets the first answer. Far longer than any retry of a lost
+    /// answer takes (the page helper gives up after 30 s by default).
+    pub key_retention_ms: Millis,
 }
 
 impl Default for Config {
@@ -61,6 +65,7 @@ impl Default for Config {
             breaker: BreakerConfig::default(),
             default_conflict: ConflictPolicy::ServerWins,
             kinds: BTreeMap::new(),
+            key_retention_ms: DAY,
         }
     }
 }
@@ -109,6 +114,9 @@ impl Config {
                     "{name} must be at most {MAX_DELAY_MS} (a day)"
                 )));
             }
+        }
+        if !(MINUTE..=366 * DAY).contains(&self.key_retention_ms) {
+            return fail("keyRetentionMs must be between a minute and a year");
         }
         for (name, limits) in [("user", &self.user), ("background", &self.background)] {
             if limits.max_age_ms > 366 * DAY {

@@ -12,7 +12,7 @@ use std::task::{Context, Poll, Waker};
 use super::admit::Refusal;
 use super::breaker::Breaker;
 use super::op::{Op, OpId};
-use super::records::{Counters, DeadLetter, ParkedConflict};
+use super::records::{Counters, DeadLetter, KeyRecord, ParkedConflict};
 use super::store::QueueTxn;
 use super::time::Millis;
 
@@ -27,6 +27,7 @@ pub struct MemoryStore {
     counters: Counters,
     dead_letters: BTreeMap<OpId, DeadLetter>,
     conflicts: BTreeMap<OpId, ParkedConflict>,
+    keys: BTreeMap<String, KeyRecord>,
     /// The persisted breaker.
     pub breaker: Breaker,
     /// The persisted credential pause.
@@ -52,6 +53,11 @@ impl MemoryStore {
     /// All parked conflicts.
     pub fn conflicts(&self) -> impl Iterator<Item = &ParkedConflict> {
         self.conflicts.values()
+    }
+
+    /// All callers' key records.
+    pub fn keys(&self) -> impl Iterator<Item = &KeyRecord> {
+        self.keys.values()
     }
 
     fn unindex(&mut self, seq: u64) -> Option<Op> {
@@ -170,6 +176,29 @@ impl QueueTxn for MemoryStore {
     async fn put_paused(&mut self, paused: bool) -> Result<(), Refusal> {
         self.paused = paused;
         Ok(())
+    }
+
+    async fn get_key(&mut self, key: &str) -> Result<Option<KeyRecord>, Refusal> {
+        Ok(self.keys.get(key).cloned())
+    }
+
+    async fn put_key(&mut self, record: &KeyRecord) -> Result<(), Refusal> {
+        self.keys.insert(record.key.clone(), record.clone());
+        Ok(())
+    }
+
+    async fn purge_keys(&mut self, before: Millis, limit: usize) -> Result<usize, Refusal> {
+        let old: Vec<String> = self
+            .keys
+            .values()
+            .filter(|r| r.at < before)
+            .take(limit)
+            .map(|r| r.key.clone())
+            .collect();
+        for key in &old {
+            self.keys.remove(key);
+        }
+        Ok(old.len())
     }
 }
 

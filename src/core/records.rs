@@ -36,6 +36,39 @@ pub struct Receipt {
     pub seq: u64,
     /// The queued op this one replaced, when its kind coalesces.
     pub replaced: Option<OpId>,
+    /// The call repeated an earlier one with the same caller key: this is the first call's
+    /// receipt, and nothing new was queued.
+    #[serde(default)]
+    pub replayed: bool,
+}
+
+/// What a caller's key remembers about the call it first came with, so that the same call made
+/// again (after a lost answer) gets the same answer instead of a second effect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// The caller's key.
+    pub key: String,
+    /// What the first call asked (see [`fingerprint`]); another request under the same key is
+    /// refused.
+    pub fingerprint: u64,
+    /// The first call's receipt, or `None` for a call that queued nothing (a discard, or
+    /// take-theirs).
+    pub receipt: Option<Receipt>,
+    /// When the first call was made; the record is kept for the key retention after it.
+    pub at: Millis,
+}
+
+/// A 64-bit FNV-1a checksum of the parts of a request, separated so that `["ab", "c"]` and
+/// `["a", "bc"]` differ. It tells a repeated call from another call under the same key; it
+/// guards against mistakes, not adversaries (a caller can only confuse its own calls).
+pub fn fingerprint(parts: &[&str]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in part.bytes().chain([0xff]) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    hash
 }
 
 /// Why an op became a dead letter.
@@ -102,6 +135,25 @@ pub enum Resolution {
     TakeTheirs,
 }
 
+impl Draft {
+    /// The fingerprint of an `enqueue` of this draft (see [`fingerprint`]).
+    pub fn fingerprint(&self) -> u64 {
+        let version = self.base_version.map(|v| v.to_string()).unwrap_or_default();
+        let priority = match self.priority {
+            super::op::Priority::User => "user",
+            super::op::Priority::Background => "background",
+        };
+        fingerprint(&[
+            "enqueue",
+            self.entity.as_deref().unwrap_or("\u{0}"),
+            &self.kind,
+            &self.payload,
+            &version,
+            priority,
+        ])
+    }
+}
+
 impl Op {
     /// The caller's request that made this op, for sending it again as a new op.
     pub fn draft(&self) -> Draft {
@@ -111,6 +163,52 @@ impl Op {
             payload: self.payload.clone(),
             base_version: self.base_version,
             priority: self.priority,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::op::Priority;
+
+    #[test]
+    fn fingerprints_tell_requests_apart_by_every_field_and_boundary() {
+        assert_ne!(fingerprint(&["ab", "c"]), fingerprint(&["a", "bc"]));
+        assert_eq!(fingerprint(&["a", "b"]), fingerprint(&["a", "b"]));
+        let draft = Draft {
+            entity: Some("pr/1".into()),
+            kind: "comment".into(),
+            payload: "{}".into(),
+            base_version: None,
+            priority: Priority::User,
+        };
+        let same = draft.clone();
+        assert_eq!(draft.fingerprint(), same.fingerprint());
+        let variants = [
+            Draft {
+                entity: None,
+                ..draft.clone()
+            },
+            Draft {
+                kind: "approve".into(),
+                ..draft.clone()
+            },
+            Draft {
+                payload: "{\"a\":1}".into(),
+                ..draft.clone()
+            },
+            Draft {
+                base_version: Some(0),
+                ..draft.clone()
+            },
+            Draft {
+                priority: Priority::Background,
+                ..draft.clone()
+            },
+        ];
+        for variant in variants {
+            assert_ne!(variant.fingerprint(), draft.fingerprint(), "{variant:?}");
         }
     }
 }

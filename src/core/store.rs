@@ -15,11 +15,13 @@
 //!   past it, so the server does not wait for it forever.
 //! - `Counters` always match the ops stored.
 
-use super::admit::{Refusal, admit};
+use super::admit::{Refusal, admit, validate_key};
 use super::breaker::Breaker;
 use super::config::Config;
 use super::op::{Draft, Op, OpId};
-use super::records::{Counters, DeadCause, DeadLetter, ParkedConflict, Receipt, Resolution};
+use super::records::{
+    Counters, DeadCause, DeadLetter, KeyRecord, ParkedConflict, Receipt, Resolution, fingerprint,
+};
 use super::time::Millis;
 
 /// One transaction over the queue's records. Each method is one read or write of the store.
@@ -67,6 +69,12 @@ pub trait QueueTxn {
     async fn put_breaker(&mut self, breaker: &Breaker) -> Result<(), Self::Error>;
     /// Persists whether delivery is paused for credentials.
     async fn put_paused(&mut self, paused: bool) -> Result<(), Self::Error>;
+    /// The record of a caller's key.
+    async fn get_key(&mut self, key: &str) -> Result<Option<KeyRecord>, Self::Error>;
+    /// Stores the record of a caller's key.
+    async fn put_key(&mut self, record: &KeyRecord) -> Result<(), Self::Error>;
+    /// Deletes up to `limit` key records made before `before`; returns how many went.
+    async fn purge_keys(&mut self, before: Millis, limit: usize) -> Result<usize, Self::Error>;
 
     /// [`get_op`](Self::get_op) for each of `seqs`, in order. A store that can have several
     /// reads in flight (IndexedDB can) should issue them together: a batch then costs about
@@ -92,18 +100,24 @@ pub trait QueueTxn {
         Ok(found)
     }
 
-    /// The counters and, for an entity, its [`last_on_entity`](Self::last_on_entity): what
-    /// admission reads. Issued together where the store can.
-    async fn counters_and_last(
+    /// Everything admission reads: the counters, for an entity its
+    /// [`last_on_entity`](Self::last_on_entity), and for a caller's key its record. Issued
+    /// together where the store can.
+    async fn admission_reads(
         &mut self,
         entity: Option<&str>,
-    ) -> Result<(Counters, Option<Op>), Self::Error> {
+        key: Option<&str>,
+    ) -> Result<(Counters, Option<Op>, Option<KeyRecord>), Self::Error> {
         let counters = self.counters().await?;
         let last = match entity {
             Some(entity) => self.last_on_entity(entity).await?,
             None => None,
         };
-        Ok((counters, last))
+        let record = match key {
+            Some(key) => self.get_key(key).await?,
+            None => None,
+        };
+        Ok((counters, last, record))
     }
 }
 
@@ -156,15 +170,90 @@ pub enum Fate {
     },
 }
 
-/// Puts a new op in the queue. See [`admit`] for the rules.
+/// A caller's idempotency key for one call: the call made again with the same key returns the
+/// first call's answer instead of acting twice. (A page that lost the answer to an `enqueue`
+/// cannot tell whether its op was queued; retrying with the key settles it.)
+#[derive(Debug, Clone, Copy)]
+pub struct CallKey<'a> {
+    /// The key, checked by [`validate_key`].
+    pub key: &'a str,
+    /// When the call was made.
+    pub now: Millis,
+}
+
+/// The answer an earlier call with the same key got, if any: the replayed receipt (`None` when
+/// the first call queued nothing), or `KeyReused` when that call asked something else.
+fn replay(record: Option<KeyRecord>, print: u64) -> Result<Option<Option<Receipt>>, Refusal> {
+    match record {
+        None => Ok(None),
+        Some(record) if record.fingerprint != print => Err(Refusal::KeyReused(record.key)),
+        Some(record) => Ok(Some(record.receipt.map(|receipt| Receipt {
+            replayed: true,
+            ..receipt
+        }))),
+    }
+}
+
+/// The refusal for a key whose stored call queued nothing while this call would queue an op.
+/// (Fingerprints name the kind of call, so this means another request came with the key.)
+fn reused(key: Option<CallKey<'_>>) -> Refusal {
+    Refusal::KeyReused(key.map(|k| k.key.to_owned()).unwrap_or_default())
+}
+
+async fn remember<T: QueueTxn>(
+    txn: &mut T,
+    key: Option<CallKey<'_>>,
+    print: u64,
+    receipt: &Option<Receipt>,
+) -> Result<(), T::Error> {
+    match key {
+        Some(CallKey { key, now }) => {
+            txn.put_key(&KeyRecord {
+                key: key.to_owned(),
+                fingerprint: print,
+                receipt: receipt.clone(),
+                at: now,
+            })
+            .await
+        }
+        None => Ok(()),
+    }
+}
+
+/// Puts a new op in the queue. See [`admit`] for the rules. With a `key`, a repeated call
+/// returns the first call's receipt (marked `replayed`) and queues nothing.
 pub async fn enqueue<T: QueueTxn>(
     txn: &mut T,
     config: &Config,
     draft: Draft,
     id: OpId,
+    key: Option<CallKey<'_>>,
     now: Millis,
 ) -> Result<Receipt, T::Error> {
-    let (counters, tail) = txn.counters_and_last(draft.entity.as_deref()).await?;
+    if let Some(key) = key {
+        validate_key(key.key)?;
+    }
+    let (counters, tail, record) = txn
+        .admission_reads(draft.entity.as_deref(), key.map(|k| k.key))
+        .await?;
+    let print = draft.fingerprint();
+    if let Some(earlier) = replay(record, print)? {
+        return Ok(earlier.ok_or_else(|| reused(key))?);
+    }
+    let receipt = admit_new(txn, config, counters, tail, draft, id, now).await?;
+    remember(txn, key, print, &Some(receipt.clone())).await?;
+    Ok(receipt)
+}
+
+async fn admit_new<T: QueueTxn>(
+    txn: &mut T,
+    config: &Config,
+    counters: Counters,
+    tail: Option<Op>,
+    draft: Draft,
+    id: OpId,
+    now: Millis,
+) -> Result<Receipt, T::Error> {
     let admission = admit(config, &counters, tail.as_ref(), draft, id, now)?;
     if let Some(old) = &admission.replaces {
         txn.delete_op(old.seq).await?;
@@ -175,6 +264,7 @@ pub async fn enqueue<T: QueueTxn>(
         id,
         seq: admission.op.seq,
         replaced: admission.replaces.map(|old| old.id),
+        replayed: false,
     })
 }
 
@@ -298,16 +388,34 @@ pub fn promote(mut next: Op, departed: &Op, fate: &Fate, now: Millis) -> Op {
     next
 }
 
+/// Reads what a keyed call on an existing record needs: the key's record (if any) first, so a
+/// repeated call is answered without looking for a record that the first call removed.
+async fn keyed_replay<T: QueueTxn>(
+    txn: &mut T,
+    key: Option<CallKey<'_>>,
+    print: u64,
+) -> Result<Option<Option<Receipt>>, T::Error> {
+    let Some(key) = key else { return Ok(None) };
+    validate_key(key.key)?;
+    let record = txn.get_key(key.key).await?;
+    Ok(replay(record, print)?)
+}
+
 /// Queues a dead letter's op again and removes the dead letter. It keeps its id unless the server
 /// stored a final answer under that id (see [`DeadLetter::reached_server`]); then it gets
-/// `fresh_id`.
+/// `fresh_id`. With a `key`, a repeated call returns the first call's receipt.
 pub async fn retry_dead_letter<T: QueueTxn>(
     txn: &mut T,
     config: &Config,
     id: OpId,
     fresh_id: OpId,
+    key: Option<CallKey<'_>>,
     now: Millis,
 ) -> Result<Receipt, T::Error> {
+    let print = fingerprint(&["retry-dead-letter", &id.to_string()]);
+    if let Some(earlier) = keyed_replay(txn, key, print).await? {
+        return Ok(earlier.ok_or_else(|| reused(key))?);
+    }
     let letter = txn
         .get_dead_letter(id)
         .await?
@@ -317,38 +425,240 @@ pub async fn retry_dead_letter<T: QueueTxn>(
     } else {
         id
     };
-    let receipt = enqueue(txn, config, letter.op.draft(), new_id, now).await?;
+    let receipt = enqueue(txn, config, letter.op.draft(), new_id, None, now).await?;
     txn.delete_dead_letter(id).await?;
+    remember(txn, key, print, &Some(receipt.clone())).await?;
     Ok(receipt)
 }
 
-/// Removes a dead letter for good.
-pub async fn discard_dead_letter<T: QueueTxn>(txn: &mut T, id: OpId) -> Result<(), T::Error> {
+/// Removes a dead letter for good. With a `key`, a repeated call succeeds again instead of
+/// finding nothing.
+pub async fn discard_dead_letter<T: QueueTxn>(
+    txn: &mut T,
+    id: OpId,
+    key: Option<CallKey<'_>>,
+) -> Result<(), T::Error> {
+    let print = fingerprint(&["discard-dead-letter", &id.to_string()]);
+    if keyed_replay(txn, key, print).await?.is_some() {
+        return Ok(());
+    }
     txn.get_dead_letter(id)
         .await?
         .ok_or(Refusal::NotFound(id))?;
-    txn.delete_dead_letter(id).await
+    txn.delete_dead_letter(id).await?;
+    remember(txn, key, print, &None).await
 }
 
 /// Settles a parked conflict. `KeepMine` queues the op again against the server's version, with
 /// `fresh_id` (the old id's conflict answer is stored on the server); `TakeTheirs` drops it.
+/// With a `key`, a repeated call returns the first call's answer.
 pub async fn resolve_conflict<T: QueueTxn>(
     txn: &mut T,
     config: &Config,
     id: OpId,
     resolution: Resolution,
     fresh_id: OpId,
+    key: Option<CallKey<'_>>,
     now: Millis,
 ) -> Result<Option<Receipt>, T::Error> {
+    let how = match resolution {
+        Resolution::KeepMine => "keep-mine",
+        Resolution::TakeTheirs => "take-theirs",
+    };
+    let print = fingerprint(&["resolve-conflict", &id.to_string(), how]);
+    if let Some(earlier) = keyed_replay(txn, key, print).await? {
+        return Ok(earlier);
+    }
     let conflict = txn.get_conflict(id).await?.ok_or(Refusal::NotFound(id))?;
     let receipt = match resolution {
         Resolution::KeepMine => {
             let mut draft = conflict.op.draft();
             draft.base_version = conflict.server_version.or(draft.base_version);
-            Some(enqueue(txn, config, draft, fresh_id, now).await?)
+            Some(enqueue(txn, config, draft, fresh_id, None, now).await?)
         }
         Resolution::TakeTheirs => None,
     };
     txn.delete_conflict(id).await?;
+    remember(txn, key, print, &receipt).await?;
     Ok(receipt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::memory::{MemoryStore, run_now};
+    use crate::core::op::Priority;
+
+    fn draft(payload: &str) -> Draft {
+        Draft {
+            entity: Some("pr/1".into()),
+            kind: "comment".into(),
+            payload: payload.into(),
+            base_version: None,
+            priority: Priority::User,
+        }
+    }
+
+    fn id(n: u8) -> OpId {
+        OpId::from_random_bytes([n; 16])
+    }
+
+    fn key(key: &str, now: Millis) -> Option<CallKey<'_>> {
+        Some(CallKey { key, now })
+    }
+
+    fn queue(
+        store: &mut MemoryStore,
+        payload: &str,
+        n: u8,
+        k: Option<CallKey>,
+    ) -> Result<Receipt, Refusal> {
+        run_now(enqueue(
+            store,
+            &Config::default(),
+            draft(payload),
+            id(n),
+            k,
+            10,
+        ))
+    }
+
+    #[test]
+    fn an_enqueue_repeated_with_its_key_returns_the_first_receipt_and_queues_nothing() {
+        let mut store = MemoryStore::default();
+        let first = queue(&mut store, "{}", 1, key("k-1", 10)).unwrap();
+        assert!(!first.replayed);
+        let again = queue(&mut store, "{}", 2, key("k-1", 11)).unwrap();
+        assert_eq!(
+            (again.id, again.seq, again.replayed),
+            (first.id, first.seq, true)
+        );
+        assert_eq!(store.ops().count(), 1, "the repeat queued nothing");
+        assert_eq!(store.counters_record().next_seq, 2);
+        let other = queue(&mut store, "{}", 3, key("k-2", 12)).unwrap();
+        assert_ne!(other.id, first.id, "another key is another op");
+        let unkeyed = queue(&mut store, "{}", 4, None).unwrap();
+        assert_eq!(unkeyed.seq, 3);
+        assert_eq!(store.ops().count(), 3);
+    }
+
+    #[test]
+    fn a_key_that_comes_with_another_request_is_refused_and_changes_nothing() {
+        let mut store = MemoryStore::default();
+        queue(&mut store, "{}", 1, key("k-1", 10)).unwrap();
+        let refused = queue(&mut store, r#"{"other":1}"#, 2, key("k-1", 11)).unwrap_err();
+        assert_eq!(refused, Refusal::KeyReused("k-1".into()));
+        assert_eq!(store.ops().count(), 1);
+        let bad = queue(&mut store, "{}", 3, key("with space", 11)).unwrap_err();
+        assert!(matches!(bad, Refusal::InvalidKey(_)));
+        let long = "k".repeat(201);
+        assert!(matches!(
+            queue(&mut store, "{}", 3, key(&long, 11)),
+            Err(Refusal::InvalidKey(_))
+        ));
+    }
+
+    fn dead_letter(store: &mut MemoryStore) -> OpId {
+        let receipt = queue(store, "{}", 1, None).unwrap();
+        let op = run_now(store.get_op(receipt.seq)).unwrap().unwrap();
+        let fate = Fate::DeadLettered {
+            reason: "no".into(),
+            status: Some(422),
+            cause: DeadCause::Rejected,
+        };
+        run_now(apply(store, &[Write::Finish { op, fate }], 20)).unwrap();
+        receipt.id
+    }
+
+    #[test]
+    fn keyed_dead_letter_calls_answer_a_repeat_as_the_first_time() {
+        let config = Config::default();
+        let mut store = MemoryStore::default();
+        let dead = dead_letter(&mut store);
+        let retry = |store: &mut MemoryStore, k| {
+            run_now(retry_dead_letter(store, &config, dead, id(9), k, 30))
+        };
+        let first = retry(&mut store, key("r-1", 30)).unwrap();
+        let again = retry(&mut store, key("r-1", 31)).unwrap();
+        assert_eq!(
+            (again.id, again.seq, again.replayed),
+            (first.id, first.seq, true)
+        );
+        assert_eq!(store.ops().count(), 1, "retried once");
+        assert_eq!(retry(&mut store, None), Err(Refusal::NotFound(dead)));
+
+        let dead = dead_letter(&mut store);
+        let discard = |store: &mut MemoryStore, k| run_now(discard_dead_letter(store, dead, k));
+        discard(&mut store, key("d-1", 40)).unwrap();
+        discard(&mut store, key("d-1", 41)).expect("a repeated discard succeeds again");
+        assert_eq!(discard(&mut store, None), Err(Refusal::NotFound(dead)));
+        assert!(matches!(
+            run_now(retry_dead_letter(
+                &mut store,
+                &config,
+                dead,
+                id(9),
+                key("d-1", 42),
+                42
+            )),
+            Err(Refusal::KeyReused(_))
+        ));
+    }
+
+    #[test]
+    fn a_keyed_conflict_resolution_repeats_its_first_answer() {
+        let config = Config::default();
+        let mut store = MemoryStore::default();
+        let receipt = queue(&mut store, "{}", 1, None).unwrap();
+        let op = run_now(store.get_op(receipt.seq)).unwrap().unwrap();
+        let fate = Fate::Parked {
+            server_version: Some(4),
+            server_state: None,
+        };
+        run_now(apply(&mut store, &[Write::Finish { op, fate }], 20)).unwrap();
+        let resolve = |store: &mut MemoryStore, how, k| {
+            run_now(resolve_conflict(
+                store,
+                &config,
+                receipt.id,
+                how,
+                id(7),
+                k,
+                30,
+            ))
+        };
+        let first = resolve(&mut store, Resolution::KeepMine, key("c-1", 30)).unwrap();
+        let again = resolve(&mut store, Resolution::KeepMine, key("c-1", 31)).unwrap();
+        assert_eq!(
+            again.as_ref().map(|r| (r.id, r.replayed)),
+            first.as_ref().map(|r| (r.id, true))
+        );
+        assert_eq!(store.ops().count(), 1);
+        assert!(matches!(
+            resolve(&mut store, Resolution::TakeTheirs, key("c-1", 32)),
+            Err(Refusal::KeyReused(_))
+        ));
+    }
+
+    #[test]
+    fn purging_keys_removes_only_those_made_before_the_cutoff_and_at_most_the_limit() {
+        let mut store = MemoryStore::default();
+        for (n, at) in [(1u8, 5), (2, 6), (3, 7), (4, 50)] {
+            let name = format!("k-{n}");
+            run_now(enqueue(
+                &mut store,
+                &Config::default(),
+                draft("{}"),
+                id(n),
+                key(&name, at),
+                at,
+            ))
+            .unwrap();
+        }
+        assert_eq!(run_now(store.purge_keys(10, 2)).unwrap(), 2);
+        assert_eq!(run_now(store.purge_keys(10, 2)).unwrap(), 1);
+        assert_eq!(run_now(store.purge_keys(10, 2)).unwrap(), 0);
+        let left: Vec<&str> = store.keys().map(|r| r.key.as_str()).collect();
+        assert_eq!(left, ["k-4"]);
+    }
 }

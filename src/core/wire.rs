@@ -12,22 +12,14 @@ use super::op::{Op, OpId};
 /// The client's id: a random UUID kept in the store, the same type as an op id.
 pub type ClientId = OpId;
 
-/// Writes the `{"client", "ops"}` envelope that `/v1/ops`, `/v1/op` and `/v1/beacon` accept.
-/// `access_token` is only for beacons, which cannot carry an `Authorization` header.
-pub fn encode_request<'a>(
-    client: ClientId,
-    ops: impl IntoIterator<Item = &'a Op>,
-    access_token: Option<&str>,
-) -> String {
+/// Writes the `{"client", "ops"}` envelope that `/v1/ops`, `/v1/op`, `/v1/grants` and
+/// `/v1/beacon` accept. It never carries a credential: a beacon is authorised by a grant in its
+/// URL (see [`decode_grant`]).
+pub fn encode_request<'a>(client: ClientId, ops: impl IntoIterator<Item = &'a Op>) -> String {
     let mut out = String::with_capacity(256);
     out.push_str("{\"client\":\"");
     out.push_str(&client.to_string());
-    out.push('"');
-    if let Some(token) = access_token {
-        out.push_str(",\"access_token\":");
-        push_json_string(&mut out, token);
-    }
-    out.push_str(",\"ops\":[");
+    out.push_str("\",\"ops\":[");
     for (i, op) in ops.into_iter().enumerate() {
         if i > 0 {
             out.push(',');
@@ -144,6 +136,28 @@ pub fn decode_single(body: &str, sent: &Op) -> Result<OpResult, String> {
     Ok(result)
 }
 
+/// The answer of `POST /v1/grants`: a credential that authorises one beacon of exactly the ops
+/// it was asked for, until `expires_at`. It is worthless for anything else, so a closing page
+/// may hold it where the user's token must never go.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Grant {
+    /// The opaque grant, URL-safe; it travels as `/v1/beacon?grant=…`.
+    pub grant: String,
+    /// When the server stops accepting it, ms since the epoch.
+    pub expires_at: u64,
+}
+
+/// Reads a `200` answer of `POST /v1/grants`. The grant must be URL-safe, since it goes into a
+/// query string as it is.
+pub fn decode_grant(body: &str) -> Result<Grant, String> {
+    let grant: Grant = serde_json::from_str(body).map_err(|e| format!("unreadable grant: {e}"))?;
+    let url_safe = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~');
+    if grant.grant.is_empty() || grant.grant.len() > 4096 || !grant.grant.bytes().all(url_safe) {
+        return Err("the grant is not a URL-safe string of at most 4096 characters".into());
+    }
+    Ok(grant)
+}
+
 /// An RFC 9457 problem body, with the protocol's extension members.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Problem {
@@ -218,10 +232,13 @@ mod tests {
     fn request_body_is_valid_json_with_the_payload_embedded_raw() {
         let client = OpId::from_random_bytes([9; 16]);
         let ops = [op(1, Some("pr/1")), op(2, None)];
-        let body = encode_request(client, &ops, Some("t\"k"));
+        let body = encode_request(client, &ops);
         let value: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(value["client"], client.to_string());
-        assert_eq!(value["access_token"], "t\"k");
+        assert!(
+            value.get("access_token").is_none(),
+            "no credential in a body"
+        );
         assert_eq!(value["ops"][0]["payload"]["text"], "hi ☃");
         assert_eq!(value["ops"][0]["kind"], "comment \"quoted\"");
         assert_eq!(value["ops"][0]["base_version"], 3);
@@ -258,6 +275,24 @@ mod tests {
             decode_single(&body, &sent).unwrap().status,
             ResultStatus::Unknown
         );
+    }
+
+    #[test]
+    fn a_grant_must_be_url_safe() {
+        let grant = decode_grant(r#"{"grant":"eyJ2IjoxfQ.c2ln-_","expires_at":5}"#).unwrap();
+        assert_eq!(
+            (grant.grant.as_str(), grant.expires_at),
+            ("eyJ2IjoxfQ.c2ln-_", 5)
+        );
+        for bad in [
+            r#"{"grant":"a b","expires_at":5}"#,
+            r#"{"grant":"a&b=c","expires_at":5}"#,
+            r#"{"grant":"","expires_at":5}"#,
+            r#"{"grant":"ok"}"#,
+            "<html>",
+        ] {
+            assert!(decode_grant(bad).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]
