@@ -15,9 +15,9 @@ use super::session::Shared;
 use super::store::Store;
 use super::transport::Transport;
 use super::views::{
-    BreakerView, ConflictView, DeadLetterView, OpView, ReceiptView, StatsView, to_js,
+    BeaconView, BreakerView, ConflictView, DeadLetterView, OpView, ReceiptView, StatsView, to_js,
 };
-use crate::core::store::{self as queue, QueueTxn};
+use crate::core::store::{self as queue, CallKey, QueueTxn};
 use crate::core::{
     Breaker, Config, Draft, Event, OpId, Priority, Receipt, Refusal, Resolution, WakeReason,
 };
@@ -26,8 +26,10 @@ use crate::core::{
 const TYPES: &str = r#"
 /** Options of `Outbox.open`. Every field but `endpoint` is optional. */
 export interface OutboxConfig {
-  /** The backend's base URL, such as `https://api.example.com` (no trailing slash needed). */
+  /** The backend's base URL, such as `https://api.example.com` (no trailing slash needed). Plain `http://` only to a loopback host, unless `allowInsecureEndpoint`. */
   endpoint: string;
+  /** Accept a plain `http://` endpoint on a host that is not loopback. Default false. */
+  allowInsecureEndpoint?: boolean;
   /** The IndexedDB database name. Default `"outbox"`. */
   database?: string;
   /** Returns the headers (credentials) for each request. Called at send time; never stored. */
@@ -56,6 +58,8 @@ export interface OutboxConfig {
   defaultConflict?: ConflictPolicy;
   /** Per-kind conflict policy, and whether a newer op of the kind replaces a queued one. */
   kinds?: Record<string, { conflict: ConflictPolicy; coalesce?: boolean }>;
+  /** How long a caller's key is remembered. Default a day. */
+  keyRetentionMs?: number;
 }
 export type ConflictPolicy = "server-wins" | "client-wins" | "manual";
 /** What to enqueue. */
@@ -69,9 +73,15 @@ export interface EnqueueRequest {
    *  client wrote the entity since (this client's own writes never conflict). */
   baseVersion?: number;
   priority?: "user" | "background";
+  /** The caller's idempotency key (1 to 200 visible ASCII characters): the same call made again with it, within `keyRetentionMs`, resolves with the first receipt (`replayed: true`) instead of queuing a second op. */
+  key?: string;
 }
-/** What `enqueue` resolves with: the op's id (its idempotency key), its place in this client's sequence, and the queued op it replaced, if its kind coalesces. */
-export interface Receipt { id: string; seq: number; replaced: string | null }
+/** Options of the calls that change a dead letter or a conflict. */
+export interface CallOptions { key?: string }
+/** What `enqueue` resolves with: the op's id (its idempotency key), its place in this client's sequence, the queued op it replaced if its kind coalesces, and whether this answers an earlier call with the same key. */
+export interface Receipt { id: string; seq: number; replaced: string | null; replayed: boolean }
+/** What a closing page sends itself: `body` to `url` (which carries a beacon grant for exactly that op). */
+export interface Beacon { url: string; body: string; expiresAt: number }
 /** A queued op as `pending()` lists it. */
 export interface QueuedOp {
   id: string; seq: number; prev: number; entity: string | null; kind: string; payload: unknown;
@@ -132,14 +142,15 @@ impl Outbox {
         let shared = self.shared.clone();
         promise(async move {
             shared.check_open()?;
-            let draft = parse_draft(&request)?;
+            let (draft, key) = parse_draft(&request)?;
             let id = random_id()?;
             let config = &shared.config;
             let at = now();
+            let key = key.as_deref().map(|key| CallKey { key, now: at });
             let receipt = shared
                 .store
                 .write(Durability::Strict, async move |t| {
-                    queue::enqueue(t, config, draft, id, at).await
+                    queue::enqueue(t, config, draft, id, key, at).await
                 })
                 .await;
             let receipt = match receipt {
@@ -230,11 +241,14 @@ impl Outbox {
         })
     }
 
-    /// The body a page sends to `/v1/beacon` when it closes: the same op (same id and `seq`) as
-    /// the queued copy `seq` names, so whichever copy arrives second is a duplicate. `null` once
-    /// the op has left the queue. The token is not included: the caller adds it.
-    #[wasm_bindgen(js_name = beaconBody, unchecked_return_type = "Promise<string | null>")]
-    pub fn beacon_body(&self, seq: f64) -> Promise {
+    /// What a closing page needs to send the queued op `seq` itself: `{url, body, expiresAt}`.
+    /// `body` is the same op (same id and `seq`) as the queued copy, so whichever copy arrives
+    /// second is a duplicate; `url` carries a beacon grant from the server that covers exactly
+    /// that op until `expiresAt`, so the page never holds the credentials. Resolves with `null`
+    /// once the op has left the queue; rejects with `UNAVAILABLE` when no grant can be had (the
+    /// queued copy is delivered all the same).
+    #[wasm_bindgen(unchecked_return_type = "Promise<Beacon | null>")]
+    pub fn beacon(&self, seq: f64) -> Promise {
         let shared = self.shared.clone();
         promise(async move {
             shared.check_open()?;
@@ -248,11 +262,18 @@ impl Outbox {
                 .store
                 .read(async |t| t.get_op(seq as u64).await)
                 .await?;
-            Ok(match op {
-                Some(op) => {
-                    crate::core::wire::encode_request(shared.transport.client(), [&op], None).into()
-                }
-                None => JsValue::NULL,
+            let Some(op) = op else {
+                return Ok(JsValue::NULL);
+            };
+            let transport = &shared.transport;
+            let grant = transport
+                .grant(std::slice::from_ref(&op))
+                .await
+                .map_err(Error::Unavailable)?;
+            to_js(&BeaconView {
+                url: transport.beacon_url(&grant),
+                body: crate::core::wire::encode_request(transport.client(), [&op]),
+                expires_at: grant.expires_at,
             })
         })
     }
@@ -268,37 +289,51 @@ impl Outbox {
         })
     }
 
-    /// Queues a dead letter's op again (see the docs for when it keeps its id).
+    /// Queues a dead letter's op again (see the docs for when it keeps its id). With
+    /// `{key}`, a repeated call returns the first call's receipt.
     #[wasm_bindgen(js_name = retryDeadLetter, unchecked_return_type = "Promise<Receipt>")]
-    pub fn retry_dead_letter(&self, id: String) -> Promise {
+    pub fn retry_dead_letter(
+        &self,
+        id: String,
+        #[wasm_bindgen(unchecked_param_type = "CallOptions")] options: JsValue,
+    ) -> Promise {
         let shared = self.shared.clone();
         promise(async move {
             shared.check_open()?;
             let id = parse_id(&id)?;
+            let key = parse_call_options(&options)?;
             let fresh = random_id()?;
             let config = &shared.config;
             let at = now();
+            let key = key.as_deref().map(|key| CallKey { key, now: at });
             let receipt = shared
                 .store
                 .write(Durability::Strict, async |t| {
-                    queue::retry_dead_letter(t, config, id, fresh, at).await
+                    queue::retry_dead_letter(t, config, id, fresh, key, at).await
                 })
                 .await?;
             queued(&shared, &receipt)
         })
     }
 
-    /// Removes a dead letter for good.
+    /// Removes a dead letter for good. With `{key}`, a repeated call succeeds again.
     #[wasm_bindgen(js_name = discardDeadLetter, unchecked_return_type = "Promise<void>")]
-    pub fn discard_dead_letter(&self, id: String) -> Promise {
+    pub fn discard_dead_letter(
+        &self,
+        id: String,
+        #[wasm_bindgen(unchecked_param_type = "CallOptions")] options: JsValue,
+    ) -> Promise {
         let shared = self.shared.clone();
         promise(async move {
             shared.check_open()?;
             let id = parse_id(&id)?;
+            let key = parse_call_options(&options)?;
+            let at = now();
+            let key = key.as_deref().map(|key| CallKey { key, now: at });
             shared
                 .store
                 .write(Durability::Strict, async |t| {
-                    queue::discard_dead_letter(t, id).await
+                    queue::discard_dead_letter(t, id, key).await
                 })
                 .await?;
             Ok(JsValue::UNDEFINED)
@@ -318,17 +353,20 @@ impl Outbox {
 
     /// Settles a parked conflict: `"keep-mine"` sends the op again against the server's
     /// version (resolves with its receipt); `"take-theirs"` drops it (resolves with null).
+    /// With `{key}`, a repeated call returns the first call's answer.
     #[wasm_bindgen(js_name = resolveConflict, unchecked_return_type = "Promise<Receipt | null>")]
     pub fn resolve_conflict(
         &self,
         id: String,
         #[wasm_bindgen(unchecked_param_type = "\"keep-mine\" | \"take-theirs\"")]
         resolution: String,
+        #[wasm_bindgen(unchecked_param_type = "CallOptions")] options: JsValue,
     ) -> Promise {
         let shared = self.shared.clone();
         promise(async move {
             shared.check_open()?;
             let id = parse_id(&id)?;
+            let key = parse_call_options(&options)?;
             let resolution = match resolution.as_str() {
                 "keep-mine" => Resolution::KeepMine,
                 "take-theirs" => Resolution::TakeTheirs,
@@ -341,10 +379,11 @@ impl Outbox {
             let fresh = random_id()?;
             let config = &shared.config;
             let at = now();
+            let key = key.as_deref().map(|key| CallKey { key, now: at });
             let receipt = shared
                 .store
                 .write(Durability::Strict, async |t| {
-                    queue::resolve_conflict(t, config, id, resolution, fresh, at).await
+                    queue::resolve_conflict(t, config, id, resolution, fresh, key, at).await
                 })
                 .await?;
             match receipt {
@@ -417,7 +456,13 @@ async fn open(config: JsValue) -> Result<Outbox> {
     let endpoint = take("endpoint")
         .as_string()
         .ok_or_else(|| Error::InvalidConfig("endpoint must be a URL string".into()))?;
-    let endpoint = parse_endpoint(&endpoint)?;
+    let allow_insecure = match take("allowInsecureEndpoint") {
+        v if v.is_undefined() => false,
+        v => v.as_bool().ok_or_else(|| {
+            Error::InvalidConfig("allowInsecureEndpoint must be a boolean".into())
+        })?,
+    };
+    let endpoint = parse_endpoint(&endpoint, allow_insecure)?;
     let database = match take("database") {
         v if v.is_undefined() => "outbox".to_owned(),
         v => v
@@ -492,20 +537,49 @@ async fn open(config: JsValue) -> Result<Outbox> {
     Ok(Outbox { shared })
 }
 
-fn parse_endpoint(endpoint: &str) -> Result<String> {
+/// Checks the endpoint: an `https://` URL, or `http://` to a loopback host only (a test server
+/// on this machine), since credentials and ops would otherwise cross the network in clear. An
+/// application that knows better says so with `allowInsecureEndpoint: true`.
+fn parse_endpoint(endpoint: &str, allow_insecure: bool) -> Result<String> {
     let trimmed = endpoint.trim_end_matches('/');
-    let valid = (trimmed.starts_with("https://") || trimmed.starts_with("http://"))
-        && trimmed
-            .split("://")
-            .nth(1)
-            .is_some_and(|rest| !rest.is_empty())
+    let (scheme, rest) = trimmed.split_once("://").unwrap_or(("", ""));
+    let host = rest.split('/').next().unwrap_or("");
+    let valid = matches!(scheme, "https" | "http")
+        && !host.is_empty()
+        && !rest.contains(['?', '#'])
         && !trimmed.contains(char::is_whitespace);
     if !valid {
         return Err(Error::InvalidConfig(format!(
-            "endpoint must be an http(s) URL, not {endpoint:?}"
+            "endpoint must be an http(s) URL without a query, not {endpoint:?}"
+        )));
+    }
+    if scheme == "http" && !allow_insecure && !is_loopback(host) {
+        return Err(Error::InvalidConfig(format!(
+            "endpoint {endpoint:?} is plain http to a host that is not loopback: ops and \
+             credentials would cross the network unencrypted; use https, or set \
+             allowInsecureEndpoint: true if you mean it"
         )));
     }
     Ok(trimmed.to_owned())
+}
+
+/// Whether `authority` (`host[:port]`, perhaps with user info) names this machine: `localhost`,
+/// `127.0.0.0/8` or `[::1]`.
+fn is_loopback(authority: &str) -> bool {
+    let host = authority.rsplit('@').next().unwrap_or(authority);
+    let host = match host.strip_prefix('[') {
+        Some(v6) => return v6.split(']').next() == Some("::1"),
+        None => host.split(':').next().unwrap_or(host),
+    };
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    let octets: Vec<&str> = host.split('.').collect();
+    octets.len() == 4
+        && octets[0] == "127"
+        && octets
+            .iter()
+            .all(|o| !o.is_empty() && o.len() <= 3 && o.bytes().all(|b| b.is_ascii_digit()))
 }
 
 async fn stats(shared: &Shared) -> Result<JsValue> {
@@ -557,23 +631,50 @@ fn check_event_name(name: &str) -> Result<(), JsValue> {
     }
 }
 
-/// Reads `{entity?, kind, payload, baseVersion?, priority?}`, strictly: a misspelled field is an
-/// error, not a silently dropped option.
-fn parse_draft(request: &JsValue) -> Result<Draft> {
+/// Reads `{key?}`, the options of the calls that change a dead letter or a conflict.
+fn parse_call_options(options: &JsValue) -> Result<Option<String>> {
+    if options.is_undefined() || options.is_null() {
+        return Ok(None);
+    }
+    let bad = || Error::InvalidArgument("options must be {key?: string}".into());
+    let object = options.dyn_ref::<Object>().ok_or_else(bad)?;
+    let keys = Reflect::own_keys(object).map_err(|_| bad())?;
+    if keys.iter().any(|k| k.as_string().as_deref() != Some("key")) {
+        return Err(bad());
+    }
+    match Reflect::get(object, &"key".into()).unwrap_or(JsValue::UNDEFINED) {
+        v if v.is_undefined() => Ok(None),
+        v => v.as_string().map(Some).ok_or_else(bad),
+    }
+}
+
+/// Reads `{entity?, kind, payload, baseVersion?, priority?, key?}`, strictly: a misspelled field
+/// is an error, not a silently dropped option. Returns the draft and the caller's key.
+fn parse_draft(request: &JsValue) -> Result<(Draft, Option<String>)> {
     let invalid = |why: String| Error::InvalidOp(why);
     let Some(object) = request
         .dyn_ref::<Object>()
         .filter(|_| !request.is_function() && !js_sys::Array::is_array(request))
     else {
         return Err(invalid(
-            "enqueue takes an object {entity?, kind, payload, baseVersion?, priority?}".into(),
+            "enqueue takes an object {entity?, kind, payload, baseVersion?, priority?, key?}"
+                .into(),
         ));
     };
     let keys = Reflect::own_keys(object)
         .map_err(|e| invalid(format!("unreadable: {}", JsError::from(e))))?;
     for key in keys.iter() {
         let key = key.as_string().unwrap_or_default();
-        if !["entity", "kind", "payload", "baseVersion", "priority"].contains(&key.as_str()) {
+        if ![
+            "entity",
+            "kind",
+            "payload",
+            "baseVersion",
+            "priority",
+            "key",
+        ]
+        .contains(&key.as_str())
+        {
             return Err(invalid(format!("unknown field {key:?}")));
         }
     }
@@ -623,13 +724,21 @@ fn parse_draft(request: &JsValue) -> Result<Draft> {
             ));
         }
     };
-    Ok(Draft {
+    let key = match get("key") {
+        v if v.is_undefined() || v.is_null() => None,
+        v => Some(
+            v.as_string()
+                .ok_or_else(|| invalid("key must be a string".into()))?,
+        ),
+    };
+    let draft = Draft {
         entity,
         kind,
         payload,
         base_version,
         priority,
-    })
+    };
+    Ok((draft, key))
 }
 
 fn install_panic_hook() {

@@ -70,6 +70,10 @@ pub enum Error {
     /// The global scope lacks something the outbox needs.
     #[error("unsupported environment: {0}")]
     Unsupported(String),
+    /// Another party that the call needs could not be reached or would not help (the backend,
+    /// for a beacon grant). Nothing changed; trying again later is safe.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// The shell's result type.
@@ -83,11 +87,15 @@ impl Error {
             Error::InvalidOp(_) | Error::Refused(Refusal::InvalidOp(_)) => "INVALID_OP",
             Error::Refused(Refusal::OpTooLarge { .. }) => "OP_TOO_LARGE",
             Error::Refused(Refusal::QueueFull { .. }) => "QUEUE_FULL",
-            Error::InvalidArgument(_) => "INVALID_ARGUMENT",
+            Error::InvalidArgument(_) | Error::Refused(Refusal::InvalidKey(_)) => {
+                "INVALID_ARGUMENT"
+            }
+            Error::Refused(Refusal::KeyReused(_)) => "KEY_REUSED",
             Error::Refused(Refusal::NotFound(_)) => "NOT_FOUND",
             Error::Closed(_) => "CLOSED",
             Error::Storage(_) => "STORAGE",
             Error::Unsupported(_) => "UNSUPPORTED",
+            Error::Unavailable(_) => "UNAVAILABLE",
         }
     }
 

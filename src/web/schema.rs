@@ -6,6 +6,7 @@
 //! | `dead_letters` | `id` | | ops delivery gave up on |
 //! | `conflicts` | `id` | | ops parked by the `manual` policy |
 //! | `meta` | out of line | | `client`, `counters`, `breaker`, `paused`, `refused` |
+//! | `keys` | `key` | `by_at` on `at` | callers' idempotency keys and the answers they got |
 //!
 //! A record is its JSON text in `json`, beside copies of the fields that keys and indexes name
 //! (see [`store`](super::store)); meta values are JSON text.
@@ -35,7 +36,7 @@ use super::error::{Error, Result};
 use super::idb;
 
 /// The schema version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Pending ops.
 pub const OPS: &str = "ops";
@@ -45,13 +46,17 @@ pub const DEAD_LETTERS: &str = "dead_letters";
 pub const CONFLICTS: &str = "conflicts";
 /// Single records: client id, counters, breaker, pause.
 pub const META: &str = "meta";
+/// Callers' idempotency keys (version 2).
+pub const KEYS: &str = "keys";
 /// Every store, for transactions that may touch any of them.
-pub const ALL_STORES: [&str; 4] = [OPS, DEAD_LETTERS, CONFLICTS, META];
+pub const ALL_STORES: [&str; 5] = [OPS, DEAD_LETTERS, CONFLICTS, META, KEYS];
 
 /// `ops` by `next_attempt_at` (entity heads only).
 pub const BY_DUE: &str = "by_due";
 /// `ops` by `[entity, seq]` (ordered ops only).
 pub const BY_ENTITY: &str = "by_entity";
+/// `keys` by `at`, for purging old keys.
+pub const BY_AT: &str = "by_at";
 
 /// Meta key of the client id.
 pub const META_CLIENT: &str = "client";
@@ -77,6 +82,10 @@ pub fn migrate(db: &IdbDatabase, old_version: u32) -> Result<(), JsValue> {
         db.create_object_store_with_optional_parameters(DEAD_LETTERS, &key_path("id"))?;
         db.create_object_store_with_optional_parameters(CONFLICTS, &key_path("id"))?;
         db.create_object_store(META)?;
+    }
+    if old_version < 2 {
+        let keys = db.create_object_store_with_optional_parameters(KEYS, &key_path("key"))?;
+        keys.create_index_with_str(BY_AT, "at")?;
     }
     Ok(())
 }

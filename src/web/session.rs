@@ -38,6 +38,9 @@ use crate::core::{Action, Config, Drainer, Event, Input, Millis, Reply, WakeReas
 /// window busy for nothing, and a service worker is stopped anyway.)
 const HEARTBEAT_MS: Millis = 60_000;
 
+/// Most callers' keys purged at the end of one session.
+const KEY_PURGE_CHUNK: usize = 200;
+
 /// Inputs for the running session, from replies, probes and wakes.
 #[derive(Default)]
 struct Mailbox {
@@ -364,8 +367,12 @@ impl Shared {
         // Before the last await: from here a wake waits in `wake_pending` and starts a new
         // session once the lock is released, instead of landing in a mailbox nobody reads.
         self.stop_taking_inputs();
-        let pending = self.store.read(async |t| {
+        // Callers' keys older than the retention go in small chunks, a few per session, so no
+        // session pays for a backlog at once.
+        let stale = now().saturating_sub(self.config.key_retention_ms);
+        let pending = self.store.write(Durability::Relaxed, async |t| {
             use crate::core::store::QueueTxn;
+            t.purge_keys(stale, KEY_PURGE_CHUNK).await?;
             Ok(t.counters().await?.pending)
         });
         let pending = pending.await?;

@@ -13,6 +13,7 @@ use web_sys::{
 use super::error::{Error, Result};
 use super::idb::{self, Durability, Pending, Txn};
 use super::schema::*;
+use crate::core::records::KeyRecord;
 use crate::core::store::QueueTxn;
 use crate::core::{Breaker, Counters, DeadLetter, Millis, Op, OpId, ParkedConflict};
 
@@ -147,6 +148,7 @@ pub struct IdbTxn {
     dead_letters: IdbObjectStore,
     conflicts: IdbObjectStore,
     meta: IdbObjectStore,
+    keys: IdbObjectStore,
 }
 
 impl IdbTxn {
@@ -157,6 +159,7 @@ impl IdbTxn {
             dead_letters: txn.store(DEAD_LETTERS)?,
             conflicts: txn.store(CONFLICTS)?,
             meta: txn.store(META)?,
+            keys: txn.store(KEYS)?,
             txn,
         })
     }
@@ -361,15 +364,26 @@ impl QueueTxn for IdbTxn {
         Ok(found)
     }
 
-    async fn counters_and_last(&mut self, entity: Option<&str>) -> Result<(Counters, Option<Op>)> {
+    async fn admission_reads(
+        &mut self,
+        entity: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<(Counters, Option<Op>, Option<KeyRecord>)> {
         let counters = Self::issue_get(&self.meta, &META_COUNTERS.into())?;
         let last = entity.map(|e| self.issue_last_on_entity(e)).transpose()?;
+        let record = key
+            .map(|k| Self::issue_get(&self.keys, &k.into()))
+            .transpose()?;
         let counters = decode(counters.result().await?)?.unwrap_or_default();
         let last = match last {
             Some(cursor) => Self::cursor_op(cursor).await?,
             None => None,
         };
-        Ok((counters, last))
+        let record = match record {
+            Some(read) => decode(read.result().await?)?,
+            None => None,
+        };
+        Ok((counters, last, record))
     }
 
     async fn due_heads(&mut self, now: Millis, limit: usize) -> Result<(Vec<Op>, Option<Millis>)> {
@@ -439,5 +453,30 @@ impl QueueTxn for IdbTxn {
 
     async fn put_paused(&mut self, paused: bool) -> Result<()> {
         Self::put(&self.meta, &encode(&paused)?.into(), Some(META_PAUSED))
+    }
+
+    async fn get_key(&mut self, key: &str) -> Result<Option<KeyRecord>> {
+        Self::get(&self.keys, &key.into()).await
+    }
+
+    async fn put_key(&mut self, kept: &KeyRecord) -> Result<()> {
+        let fields = [
+            ("key", JsValue::from_str(&kept.key)),
+            ("at", JsValue::from_f64(kept.at as f64)),
+        ];
+        Self::put(&self.keys, &record(&fields, encode(kept)?), None)
+    }
+
+    async fn purge_keys(&mut self, before: Millis, limit: usize) -> Result<usize> {
+        let index = self.keys.index(BY_AT).map_err(Error::storage)?;
+        let old = IdbKeyRange::upper_bound_with_open(&key(before), true).map_err(Error::storage)?;
+        let request = index
+            .get_all_keys_with_key_and_limit(&old, limit as u32)
+            .map_err(Error::storage)?;
+        let keys: js_sys::Array = idb::wait(&request).await?.unchecked_into();
+        for key in keys.iter() {
+            Self::delete(&self.keys, &key)?;
+        }
+        Ok(keys.length() as usize)
     }
 }

@@ -6,7 +6,7 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{AbortController, Headers, RequestCredentials, RequestInit, Response};
 
-use crate::core::wire::{ClientId, encode_request};
+use crate::core::wire::{ClientId, Grant, Problem, decode_grant, encode_request};
 use crate::core::{Millis, Op, Reply, SendMode};
 
 #[wasm_bindgen]
@@ -76,9 +76,40 @@ impl Transport {
             }
         };
         let _ = headers.set("content-type", "application/json");
-        let body = encode_request(self.client, ops, None);
+        let body = encode_request(self.client, ops);
         let reply = self.fetch("POST", path, &headers, Some(&body)).await;
         Sent { reply, credentials }
+    }
+
+    /// Asks the server for a beacon grant covering exactly `ops` (`POST /v1/grants`, with the
+    /// auth hook's credentials, which stay here). The grant, not the credentials, is what a
+    /// closing page may hold.
+    pub async fn grant(&self, ops: &[Op]) -> Result<Grant, String> {
+        let (headers, _) = self.headers().await?;
+        let _ = headers.set("content-type", "application/json");
+        let body = encode_request(self.client, ops);
+        match self
+            .fetch("POST", "/v1/grants", &headers, Some(&body))
+            .await
+        {
+            Reply::Http {
+                status: 200, body, ..
+            } => decode_grant(&body),
+            Reply::Http { status, body, .. } => {
+                let problem = Problem::decode(&body);
+                Err(match problem.explanation() {
+                    Some(why) => format!("the server refused a grant: HTTP {status}: {why}"),
+                    None => format!("the server refused a grant: HTTP {status}"),
+                })
+            }
+            Reply::Unreachable { reason } | Reply::NoCredentials { reason } => Err(reason),
+        }
+    }
+
+    /// The URL a beacon authorised by `grant` goes to.
+    pub fn beacon_url(&self, grant: &Grant) -> String {
+        let grant: String = js_sys::encode_uri_component(&grant.grant).into();
+        format!("{}/v1/beacon?grant={grant}", self.endpoint)
     }
 
     /// `GET /v1/health`: whether the server answers `2xx`.

@@ -103,6 +103,7 @@ pub struct ReceiptView {
     id: OpId,
     seq: u64,
     replaced: Option<OpId>,
+    replayed: bool,
 }
 
 impl From<&Receipt> for ReceiptView {
@@ -111,8 +112,21 @@ impl From<&Receipt> for ReceiptView {
             id: receipt.id,
             seq: receipt.seq,
             replaced: receipt.replaced,
+            replayed: receipt.replayed,
         }
     }
+}
+
+/// `beacon()` as the API shows it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BeaconView {
+    /// `/v1/beacon?grant=…`.
+    pub url: String,
+    /// The envelope with the one op.
+    pub body: String,
+    /// When the grant expires.
+    pub expires_at: Millis,
 }
 
 /// `stats()` as the API shows it.

@@ -418,7 +418,8 @@ async fn dead_letter_on_422_does_not_block_its_entity() {
     );
 
     // Retrying a rejected op sends a copy with a new id (the old id's answer is stored).
-    let retry = ok(outbox.retry_dead_letter(bad["id"].as_str().unwrap().into())).await;
+    let retry =
+        ok(outbox.retry_dead_letter(bad["id"].as_str().unwrap().into(), JsValue::UNDEFINED)).await;
     assert_ne!(retry["id"], bad["id"]);
     ok(outbox.flush()).await;
     eventually("the retry is delivered", async || {
@@ -427,7 +428,10 @@ async fn dead_letter_on_422_does_not_block_its_entity() {
     .await;
     assert_eq!(ok(outbox.dead_letters()).await, json!([]));
     assert_eq!(
-        error_code(outbox.discard_dead_letter(bad["id"].as_str().unwrap().into())).await,
+        error_code(
+            outbox.discard_dead_letter(bad["id"].as_str().unwrap().into(), JsValue::UNDEFINED)
+        )
+        .await,
         "NOT_FOUND"
     );
 }
@@ -542,9 +546,12 @@ async fn manual_conflict_parks_until_resolved() {
     assert_eq!(parked[0]["op"]["id"], receipt["id"]);
     assert_eq!(parked[0]["serverState"], json!({"by": "them"}));
     assert_eq!(parked[0]["op"]["payload"], json!({"by": "me"}));
-    let resolved =
-        ok(outbox.resolve_conflict(receipt["id"].as_str().unwrap().into(), "keep-mine".into()))
-            .await;
+    let resolved = ok(outbox.resolve_conflict(
+        receipt["id"].as_str().unwrap().into(),
+        "keep-mine".into(),
+        JsValue::UNDEFINED,
+    ))
+    .await;
     assert_ne!(resolved["id"], receipt["id"]);
     ok(outbox.flush()).await;
     eventually("the kept op lands", async || {
@@ -554,9 +561,12 @@ async fn manual_conflict_parks_until_resolved() {
     let state = admin("GET", &format!("/v1/entities/{entity}"), None).await;
     assert_eq!(state["state"], json!({"by": "me"}));
     assert_eq!(ok(outbox.conflicts()).await, json!([]));
-    let code =
-        error_code(outbox.resolve_conflict(receipt["id"].as_str().unwrap().into(), "bogus".into()))
-            .await;
+    let code = error_code(outbox.resolve_conflict(
+        receipt["id"].as_str().unwrap().into(),
+        "bogus".into(),
+        JsValue::UNDEFINED,
+    ))
+    .await;
     assert_eq!(code, "INVALID_ARGUMENT");
 }
 
@@ -611,7 +621,7 @@ async fn bad_input_is_a_typed_error_never_a_panic() {
     Reflect::set(&request, &"payload".into(), &cyclic).unwrap();
     assert_eq!(error_code(outbox.enqueue(request)).await, "INVALID_OP");
     assert_eq!(
-        error_code(outbox.retry_dead_letter("nope".into())).await,
+        error_code(outbox.retry_dead_letter("nope".into(), JsValue::UNDEFINED)).await,
         "INVALID_ARGUMENT"
     );
     assert!(
@@ -791,4 +801,149 @@ async fn a_failing_or_hung_auth_hook_pauses_without_storing_its_words() {
     ok(outbox.wake("auth".into())).await;
     eventually("delivered", async || stats(&outbox).await["pending"] == 0).await;
     assert_eq!(stats(&outbox).await["paused"], false);
+}
+
+#[wasm_bindgen_test]
+async fn an_enqueue_repeated_with_its_key_is_one_op_even_across_a_reopen() {
+    let db = unique("keyed");
+    let outbox = open(&db).await;
+    let client = client_of(&outbox).await;
+    let entity = unique("doc");
+    let request =
+        json!({"entity": entity, "kind": "rename", "payload": {"t": 1}, "key": "click-1"});
+    let first = enqueue(&outbox, request.clone()).await;
+    assert_eq!(first["replayed"], false);
+    let again = enqueue(&outbox, request.clone()).await;
+    assert_eq!((&again["id"], &again["seq"]), (&first["id"], &first["seq"]));
+    assert_eq!(again["replayed"], true);
+    let other_body =
+        json!({"entity": entity, "kind": "rename", "payload": {"t": 2}, "key": "click-1"});
+    assert_eq!(
+        error_code(outbox.enqueue(to_js(&other_body))).await,
+        "KEY_REUSED"
+    );
+    let bad_key = json!({"kind": "rename", "payload": 1, "key": "has space"});
+    assert_eq!(
+        error_code(outbox.enqueue(to_js(&bad_key))).await,
+        "INVALID_ARGUMENT"
+    );
+    ok(outbox.flush()).await;
+    ok(outbox.close()).await;
+
+    // The key outlives the op's delivery and the connection: a retry that comes late (its
+    // answer was lost with a worker) still gets the first receipt.
+    let outbox = open(&db).await;
+    let late = enqueue(&outbox, request).await;
+    assert_eq!(
+        (&late["id"], late["replayed"].as_bool()),
+        (&first["id"], Some(true))
+    );
+    ok(outbox.flush()).await;
+    let log = server_log(&client).await;
+    assert_eq!(applied(&log).len(), 1, "one op took effect: {log:?}");
+    assert_eq!(stats(&outbox).await["pending"], 0);
+}
+
+#[wasm_bindgen_test]
+async fn plain_http_endpoints_are_refused_unless_loopback_or_allowed() {
+    let open_at = |endpoint: &str, allow: Option<bool>| {
+        let mut config = json!({"endpoint": endpoint, "database": unique("endpoint")});
+        if let Some(allow) = allow {
+            config["allowInsecureEndpoint"] = json!(allow);
+        }
+        Outbox::connect(to_js(&config))
+    };
+    for refused in [
+        "http://api.example.com",
+        "http://127.example.com",
+        "http://10.0.0.1:8080",
+        "http://[::2]:80",
+        "https://api.example.com/v1?x=1",
+    ] {
+        match open_at(refused, None).await {
+            Err(error) => assert_eq!(error.code(), "INVALID_CONFIG", "{refused}"),
+            Ok(_) => panic!("{refused} was accepted"),
+        }
+    }
+    for accepted in [
+        "https://api.example.com",
+        "http://127.0.0.1:9",
+        "http://localhost:9/",
+        "http://[::1]:9",
+    ] {
+        let outbox = open_at(accepted, None)
+            .await
+            .unwrap_or_else(|e| panic!("{accepted}: {e}"));
+        ok(outbox.close()).await;
+    }
+    let outbox = open_at("http://api.example.com", Some(true))
+        .await
+        .expect("allowInsecureEndpoint lets it through");
+    ok(outbox.close()).await;
+    assert!(
+        open_at("http://api.example.com", Some(false))
+            .await
+            .is_err()
+    );
+}
+
+#[wasm_bindgen_test]
+async fn a_beacon_carries_a_grant_for_its_own_op_and_never_the_token() {
+    let db = unique("beacon");
+    let paused = open(&db).await;
+    let client = client_of(&paused).await;
+    // The queued copy is held on the server, so the page's copy is the one that takes effect.
+    inject(
+        json!([{"route": "ops", "tenant": "test", "times": 1000, "action": {"delay_ms": 3000}}]),
+    )
+    .await;
+    let receipt = enqueue(&paused, json!({"kind": "summary", "payload": {"s": "bye"}})).await;
+    let seq = receipt["seq"].as_f64().unwrap();
+    let beacon = ok(paused.beacon(seq)).await;
+    let url = beacon["url"].as_str().unwrap().to_owned();
+    let body = beacon["body"].as_str().unwrap().to_owned();
+    assert!(
+        url.starts_with(&format!("{}/v1/beacon?grant=", server())),
+        "{url}"
+    );
+    assert!(
+        !url.contains("secret") && !body.contains("secret"),
+        "no token: {url} {body}"
+    );
+    assert!(beacon["expiresAt"].as_f64().unwrap() > js_sys::Date::now());
+    let sent: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(sent["ops"][0]["id"], receipt["id"]);
+
+    // What a closing page does: POST the body to the URL, with no credentials.
+    let post = |url: String, body: String| async move {
+        let init = RequestInit::new();
+        init.set_method("POST");
+        init.set_body(&body.into());
+        let response: Response = call(global_fetch(&url, &init))
+            .await
+            .unwrap()
+            .unchecked_into();
+        response.status()
+    };
+    assert_eq!(post(url.clone(), body.clone()).await, 200);
+    // The same grant does not cover another op.
+    let mut other = sent.clone();
+    other["ops"][0]["payload"] = json!({"s": "something else"});
+    assert_eq!(post(url, other.to_string()).await, 403);
+    admin("DELETE", "/v1/admin/faults", None).await;
+    let log = server_log(&client).await;
+    let effects: Vec<&Value> = applied(&log);
+    assert_eq!(effects.len(), 1, "{log:?}");
+    assert_eq!(effects[0]["route"], "beacon");
+    ok(paused.flush()).await;
+    assert_eq!(
+        applied(&server_log(&client).await).len(),
+        1,
+        "the queued copy was a replay"
+    );
+    assert_eq!(
+        js_to_json(&call(paused.beacon(seq)).await.unwrap()),
+        Value::Null,
+        "the op has left the queue"
+    );
 }

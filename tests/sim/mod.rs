@@ -1188,7 +1188,7 @@ impl Sim {
             return;
         }
         self.stats.sends += 1;
-        let body = encode_request(self.client, &ops, None);
+        let body = encode_request(self.client, &ops);
         self.note(|| {
             format!(
                 "send {:?}: {}",
@@ -1284,7 +1284,7 @@ impl Sim {
         let id = self.fresh_id();
         let now = self.now;
         let for_ledger = draft.clone();
-        let result = self.transact(|s, c| run_now(store::enqueue(s, c, draft, id, now)));
+        let result = self.transact(|s, c| run_now(store::enqueue(s, c, draft, id, None, now)));
         self.note(|| format!("enqueue {for_ledger:?} -> {result:?}"));
         match &result {
             Ok(receipt) => {
@@ -1311,7 +1311,8 @@ impl Sim {
             .dead_letters()
             .find(|d| d.op.id == id)
             .map(|d| d.op.draft());
-        let result = self.transact(|s, c| run_now(store::retry_dead_letter(s, c, id, fresh, now)));
+        let result =
+            self.transact(|s, c| run_now(store::retry_dead_letter(s, c, id, fresh, None, now)));
         self.note(|| format!("retry dead letter {id} -> {result:?}"));
         if let Ok(receipt) = &result {
             self.settle_by_user(id);
@@ -1327,7 +1328,7 @@ impl Sim {
 
     /// Discards a dead letter.
     pub fn discard_dead_letter(&mut self, id: OpId) -> Result<(), Refusal> {
-        let result = self.transact(|s, _| run_now(store::discard_dead_letter(s, id)));
+        let result = self.transact(|s, _| run_now(store::discard_dead_letter(s, id, None)));
         self.note(|| format!("discard dead letter {id} -> {result:?}"));
         if result.is_ok() {
             self.settle_by_user(id);
@@ -1349,8 +1350,11 @@ impl Sim {
             draft.base_version = c.server_version.or(draft.base_version);
             draft
         });
-        let result = self
-            .transact(|s, c| run_now(store::resolve_conflict(s, c, id, resolution, fresh, now)));
+        let result = self.transact(|s, c| {
+            run_now(store::resolve_conflict(
+                s, c, id, resolution, fresh, None, now,
+            ))
+        });
         self.note(|| format!("resolve {id} {resolution:?} -> {result:?}"));
         if let Ok(receipt) = &result {
             self.settle_by_user(id);
