@@ -7,7 +7,8 @@
 //
 // The output folder is replaced. Its layout:
 //   manifest.json          host_permissions and content-script matches point at the endpoint
-//   config.js              the endpoint and the starting token
+//   config.js              the endpoint and the default reviewer (the content script has it)
+//   secrets.js             the starting token (only the background imports it)
 //   background.js, popup.* the demo's own files
 //   content.js             content.js bundled with outbox-page.js (content scripts are not modules)
 //   outbox/                outbox-background.js, outbox-page.js, pkg/outbox.js, pkg/outbox_bg.wasm
@@ -58,9 +59,11 @@ export async function buildDemo({ out, endpoint = 'http://127.0.0.1:8080', token
   manifest.host_permissions = [`${origin}/*`];
   manifest.content_scripts[0].matches = [`${origin}/demo/pr.html*`];
   await writeFile(join(out, 'manifest.json'), `${JSON.stringify(manifest, null, 2)}\n`);
-  const config = { endpoint: url.origin, token, reviewer };
+  const config = { endpoint: url.origin, reviewer };
   await writeFile(join(out, 'config.js'),
     `// Written by extension/demo/build.mjs.\nexport default ${JSON.stringify(config, null, 2)};\n`);
+  await writeFile(join(out, 'secrets.js'),
+    `// Written by extension/demo/build.mjs; imported by background.js only.\nexport default ${JSON.stringify({ token }, null, 2)};\n`);
 
   // Bundled from the output folder, so the content script imports the same outbox-page.js copy.
   await cp(join(demo, 'content.js'), join(out, 'content.src.js'));

@@ -1,12 +1,18 @@
 // PR review tracker: the content script on a PR page. Each review action becomes an op on
 // entity `pr/<n>`, applied to the page at once (optimistic) and delivered by the background.
 // The build bundles this file with outbox-page.js (content scripts cannot be ES modules).
+//
+// The page around this script is not ours: its own scripts can dispatch events, rewrite
+// attributes and call what we expose. So only events the user made count (`isTrusted`), the PR
+// number comes from the URL and is checked against a pattern, and the background decides again
+// what this script may do (see background.js `contentScripts`).
 import { connectOutbox } from './outbox/outbox-page.js';
 import config from './config.js';
 
 const ext = globalThis.browser ?? globalThis.chrome;
 const outbox = connectOutbox();
-const pr = document.body.dataset.pr;
+const pr = new URLSearchParams(location.search).get('n') ?? '17';
+const valid = /^[0-9]{1,9}$/.test(pr);
 const entity = `pr/${pr}`;
 
 // The version this page read from the server. An approval is checked against it; the outbox
@@ -33,36 +39,44 @@ async function record(kind, payload, extra = {}) {
     return receipt;
   } catch (error) {
     // Nothing was queued: say so where the user looks, rather than pretend it was saved.
-    badge.textContent = `not saved: ${error.message}`;
+    badge.textContent = `not saved (${error.code ?? 'ERROR'}): ${error.message}`;
     throw error;
   }
 }
 
-for (const file of document.querySelectorAll('[data-file]')) {
-  file.querySelector('.viewed').addEventListener('change', async (event) => {
-    const path = file.dataset.file;
-    await record('file-viewed', { viewed: { [path]: { [await reviewer()]: event.target.checked } } });
+/** Runs `handler` for events the user made, never for ones the page's scripts dispatched. */
+function onUser(target, type, handler) {
+  target.addEventListener(type, (event) => {
+    if (event.isTrusted) handler(event);
   });
 }
 
-document.getElementById('comment').addEventListener('click', async () => {
-  const box = document.getElementById('comment-text');
-  const text = box.value.trim();
-  if (!text) return;
-  box.value = '';
-  const by = await reviewer();
-  const item = document.createElement('li');
-  item.textContent = `${by}: ${text}`;
-  document.getElementById('comments').append(item);
-  await record('comment', { comments: { [`c-${crypto.randomUUID()}`]: { by, text } } });
-});
+function start() {
+  for (const file of document.querySelectorAll('[data-file]')) {
+    onUser(file.querySelector('.viewed'), 'change', async (event) => {
+      const path = file.dataset.file;
+      await record('file-viewed', { viewed: { [path]: { [await reviewer()]: event.target.checked } } });
+    });
+  }
 
-document.getElementById('approve').addEventListener('click', async () => {
-  const by = await reviewer();
-  document.getElementById('approve').textContent = 'Approved';
-  await record('approve', { approval: { by, at: Date.now() } },
-    { baseVersion: loadedVersion });
-});
+  onUser(document.getElementById('comment'), 'click', async () => {
+    const box = document.getElementById('comment-text');
+    const text = box.value.trim();
+    if (!text) return;
+    box.value = '';
+    const by = await reviewer();
+    const item = document.createElement('li');
+    item.textContent = `${by}: ${text}`;
+    document.getElementById('comments').append(item);
+    await record('comment', { comments: { [`c-${crypto.randomUUID()}`]: { by, text } } });
+  });
+
+  onUser(document.getElementById('approve'), 'click', async () => {
+    const by = await reviewer();
+    document.getElementById('approve').textContent = 'Approved';
+    await record('approve', { approval: { by, at: Date.now() } }, { baseVersion: loadedVersion });
+  });
+}
 
 async function load() {
   const reply = await ext.runtime.sendMessage({ demo: 'entity', id: entity });
@@ -77,18 +91,40 @@ async function load() {
   document.body.dataset.version = String(loadedVersion);
 }
 
+// What this page's own ops are doing: the background tells a content script nothing else.
 let retrying = null;
-function show(stats) {
-  badge.textContent = `outbox: ${stats.pending} pending`
-    + (stats.pending && retrying ? ` · retrying (${retrying})` : '')
-    + (stats.deadLetters ? ` · ${stats.deadLetters} failed` : '')
-    + (stats.conflicts ? ` · ${stats.conflicts} conflicts` : '');
+let failed = 0;
+let conflicts = 0;
+let pending = 0;
+function show() {
+  badge.textContent = `outbox: ${pending} pending`
+    + (pending && retrying ? ` · retrying (${retrying})` : '')
+    + (failed ? ` · ${failed} failed` : '')
+    + (conflicts ? ` · ${conflicts} conflicts` : '');
 }
 
-outbox.subscribe(async (message) => {
-  if (message.event?.type === 'retry-scheduled') retrying = message.event.error;
-  if (message.event?.type === 'delivered') retrying = null;
-  show(message.stats ?? await outbox.stats());
-});
-load().then(() => { document.body.dataset.outboxReady = 'true'; },
-  (error) => { badge.textContent = `could not load ${entity}: ${error.message}`; });
+function follow() {
+  outbox.subscribe((message) => {
+    if (message.disconnected) {
+      // The service worker stopped; ask again when it is back (the next message restarts it).
+      setTimeout(follow, 1000);
+      return;
+    }
+    const event = message.event;
+    if (event?.type === 'retry-scheduled') retrying = event.error;
+    if (event?.type === 'delivered') retrying = null;
+    if (event?.type === 'dead-lettered') failed += 1;
+    if (event?.type === 'conflict' && event.resolution === 'parked') conflicts += 1;
+    if (message.own) pending = message.own.pending;
+    show();
+  });
+}
+
+if (!valid) {
+  badge.textContent = 'outbox: not a PR page';
+} else {
+  start();
+  follow();
+  load().then(() => { document.body.dataset.outboxReady = 'true'; },
+    (error) => { badge.textContent = `could not load ${entity}: ${error.message}`; });
+}

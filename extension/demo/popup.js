@@ -165,9 +165,13 @@ setInterval(tick, 250);
 $('summary-entity').textContent = ENTITY;
 refresh();
 
+// The token goes to the background, which keeps it in storage.session and resumes the queue.
 $('save-token').addEventListener('click', () => act(async () => {
   const token = $('token').value.trim();
-  if (token) await ext.storage.local.set({ token });
+  if (token) {
+    const reply = await ext.runtime.sendMessage({ demo: 'set-token', token });
+    if (!reply?.ok) throw new Error(reply?.error ?? 'the background did not answer');
+  }
   $('token').value = '';
 }));
 
