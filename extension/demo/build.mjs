@@ -42,9 +42,11 @@ export async function copyOutbox(dir) {
  * Builds the demo into `out` for the backend at `endpoint`. `browser: 'firefox'` writes match
  * patterns without the port, because Firefox refuses a port in a match pattern (and then
  * matches every port of the host); Chrome honours the port, so it gets the exact origin.
+ * `extraContentScripts` (paths) are bundled like content.js and run beside it on the PR page:
+ * the security tests use one to play a compromised renderer.
  */
 export async function buildDemo({ out, endpoint = 'http://127.0.0.1:8080', token = 'demo-token',
-  reviewer = 'you', browser = 'chrome' }) {
+  reviewer = 'you', browser = 'chrome', extraContentScripts = [] }) {
   const url = new URL(endpoint);
   const origin = browser === 'firefox' ? `${url.protocol}//${url.hostname}` : url.origin;
   out = resolve(out);
@@ -58,6 +60,8 @@ export async function buildDemo({ out, endpoint = 'http://127.0.0.1:8080', token
   const manifest = JSON.parse(await readFile(join(demo, 'manifest.json'), 'utf8'));
   manifest.host_permissions = [`${origin}/*`];
   manifest.content_scripts[0].matches = [`${origin}/demo/pr.html*`];
+  const extras = extraContentScripts.map((file, i) => ({ file, name: `extra-${i}.js` }));
+  if (extras.length) manifest.content_scripts[0].js.push(...extras.map((e) => e.name));
   await writeFile(join(out, 'manifest.json'), `${JSON.stringify(manifest, null, 2)}\n`);
   const config = { endpoint: url.origin, reviewer };
   await writeFile(join(out, 'config.js'),
@@ -66,13 +70,16 @@ export async function buildDemo({ out, endpoint = 'http://127.0.0.1:8080', token
     `// Written by extension/demo/build.mjs; imported by background.js only.\nexport default ${JSON.stringify({ token }, null, 2)};\n`);
 
   // Bundled from the output folder, so the content script imports the same outbox-page.js copy.
-  await cp(join(demo, 'content.js'), join(out, 'content.src.js'));
   const esbuild = await import(join(repo, 'node_modules/esbuild/lib/main.js')).catch(() => {
     throw new Error('esbuild is missing from node_modules; run scripts/setup');
   });
-  await esbuild.build({ entryPoints: [join(out, 'content.src.js')], outfile: join(out, 'content.js'),
-    bundle: true, format: 'iife', target: 'es2022', logLevel: 'warning' });
-  await rm(join(out, 'content.src.js'));
+  for (const { file, name } of [{ file: join(demo, 'content.js'), name: 'content.js' }, ...extras]) {
+    const source = join(out, `src-${name}`);
+    await cp(file, source);
+    await esbuild.build({ entryPoints: [source], outfile: join(out, name),
+      bundle: true, format: 'iife', target: 'es2022', logLevel: 'warning' });
+    await rm(source);
+  }
   return out;
 }
 

@@ -53,7 +53,10 @@ function onUser(target, type, handler) {
 
 function start() {
   for (const file of document.querySelectorAll('[data-file]')) {
-    onUser(file.querySelector('.viewed'), 'change', async (event) => {
+    // `click`, not `change`: a script's box.click() fires a change event the browser marks
+    // trusted, while the click itself is not. A real click or a Space on the box is trusted,
+    // and the box is already toggled when it arrives.
+    onUser(file.querySelector('.viewed'), 'click', async (event) => {
       const path = file.dataset.file;
       await record('file-viewed', { viewed: { [path]: { [await reviewer()]: event.target.checked } } });
     });

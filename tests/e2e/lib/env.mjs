@@ -17,8 +17,11 @@ export async function setReviewer(browser, reviewer) {
   await page.close();
 }
 
-/** The env of scenarios.mjs for one Chromium test. */
-export async function chromiumEnv(t) {
+/**
+ * The env of scenarios.mjs for one Chromium test. `serverFlags` go to the server;
+ * `extraContentScripts` into the demo build (see extension/demo/build.mjs).
+ */
+export async function chromiumEnv(t, { serverFlags = [], extraContentScripts = [] } = {}) {
   const dir = await mkdtemp(join(tmpdir(), 'outbox-e2e-'));
   await mkdir(join(dir, 'server'));
   const browsers = new Set();
@@ -28,8 +31,8 @@ export async function chromiumEnv(t) {
     await server?.dispose();
     await rm(dir, { recursive: true, force: true });
   });
-  server = await Server.start({ dir: join(dir, 'server') });
-  const extension = await buildDemo({ out: join(dir, 'extension'), endpoint: server.url });
+  server = await Server.start({ dir: join(dir, 'server'), flags: serverFlags });
+  const extension = await buildDemo({ out: join(dir, 'extension'), endpoint: server.url, extraContentScripts });
   const start = async (profile) => {
     const browser = await launch({ extension, profile: join(dir, profile) });
     browsers.add(browser);
