@@ -99,6 +99,7 @@ pub fn admit(
         next_attempt_at: Some(now),
         last_error: None,
         solo: false,
+        last_delay_ms: None,
     };
     let size = op.size();
     let max_op = config.limits.max_op_bytes;

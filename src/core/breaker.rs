@@ -2,13 +2,15 @@
 //!
 //! An extension sends a handful of requests a minute, so the usual breakers (which want hundreds
 //! of calls to decide) never open. This one looks at the last `window` calls, opens once at least
-//! `min_calls` of them were made and `failure_rate` of them failed, stays open for `open_ms`
-//! (doubling on each failed probe up to `max_open_ms`), then lets one probe of the health
-//! endpoint decide whether to close.
+//! `min_calls` of them were made and `failure_rate` of them failed, stays open for `open_ms`,
+//! then lets one probe of the health endpoint decide whether to close. Each failed probe opens
+//! it again for half the time the outage has lasted so far (at least `open_ms`, at most
+//! `max_open_ms`): probes thin out as an outage drags on, yet delivery resumes within a third
+//! of the whole outage (or `open_ms`, if more; never more than `max_open_ms`) after the server
+//! is back.
 
 use serde::{Deserialize, Serialize};
 
-use super::config::ConfigError;
 use super::time::{MINUTE, Millis, SECOND};
 
 /// Breaker thresholds.
@@ -21,9 +23,9 @@ pub struct BreakerConfig {
     pub min_calls: u32,
     /// Share of failed calls in the window that opens the breaker.
     pub failure_rate: f64,
-    /// How long the first opening lasts.
+    /// How long the first opening lasts, and the shortest one.
     pub open_ms: Millis,
-    /// The longest opening, reached by doubling after failed probes.
+    /// The longest opening, however long the outage.
     pub max_open_ms: Millis,
 }
 
@@ -40,20 +42,16 @@ impl Default for BreakerConfig {
 }
 
 impl BreakerConfig {
-    /// Checks the thresholds.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks the thresholds; the error names the bad field.
+    pub fn validate(&self) -> Result<(), &'static str> {
         if !(1..=64).contains(&self.window) || !(1..=self.window).contains(&self.min_calls) {
-            return Err(ConfigError(
-                "breaker.window must be 1 to 64 and breaker.minCalls 1 to window".into(),
-            ));
+            return Err("breaker.window must be 1 to 64 and breaker.minCalls 1 to window");
         }
         if !(self.failure_rate > 0.0 && self.failure_rate <= 1.0) {
-            return Err(ConfigError("breaker.failureRate must be in (0, 1]".into()));
+            return Err("breaker.failureRate must be in (0, 1]");
         }
         if self.open_ms == 0 || self.max_open_ms < self.open_ms {
-            return Err(ConfigError(
-                "breaker.openMs must be at least 1 and at most breaker.maxOpenMs".into(),
-            ));
+            return Err("breaker.openMs must be at least 1 and at most breaker.maxOpenMs");
         }
         Ok(())
     }
@@ -75,13 +73,19 @@ pub enum Breaker {
     Open {
         /// When to probe.
         until: Millis,
-        /// How long this opening lasts; the next one lasts twice as long.
+        /// How long this opening lasts.
         open_ms: Millis,
+        /// When the outage began: the breaker first opened.
+        #[serde(default)]
+        since: Millis,
     },
     /// Waiting for the one probe to answer.
     HalfOpen {
         /// The length of the opening before this probe.
         open_ms: Millis,
+        /// When the outage began.
+        #[serde(default)]
+        since: Millis,
     },
 }
 
@@ -138,6 +142,7 @@ impl Breaker {
             *self = Breaker::Open {
                 until,
                 open_ms: config.open_ms,
+                since: now,
             };
             return Some(BreakerChange::Opened { until });
         }
@@ -147,8 +152,12 @@ impl Breaker {
     /// Whether the open period is over and a probe should be sent now. Moves to half-open.
     pub fn take_probe(&mut self, now: Millis) -> bool {
         match *self {
-            Breaker::Open { until, open_ms } if now >= until => {
-                *self = Breaker::HalfOpen { open_ms };
+            Breaker::Open {
+                until,
+                open_ms,
+                since,
+            } if now >= until => {
+                *self = Breaker::HalfOpen { open_ms, since };
                 true
             }
             _ => false,
@@ -169,26 +178,34 @@ impl Breaker {
         now: Millis,
         ok: bool,
     ) -> Option<BreakerChange> {
-        let Breaker::HalfOpen { open_ms } = *self else {
+        let Breaker::HalfOpen { since, .. } = *self else {
             return None;
         };
         if ok {
             *self = Breaker::default();
             Some(BreakerChange::Closed)
         } else {
-            let open_ms = open_ms.saturating_mul(2).min(config.max_open_ms);
+            // Half the outage so far: the wait after the server comes back is at most a third of
+            // the whole outage, so a probe never holds recovery back for long.
+            let half = now.saturating_sub(since) / 2;
+            let open_ms = half.clamp(config.open_ms, config.max_open_ms);
             let until = now.saturating_add(open_ms);
-            *self = Breaker::Open { until, open_ms };
+            *self = Breaker::Open {
+                until,
+                open_ms,
+                since,
+            };
             Some(BreakerChange::Opened { until })
         }
     }
 
     /// After a restart a probe that was in flight is lost; ask for a new one at once.
     pub fn after_restart(&mut self, now: Millis) {
-        if let Breaker::HalfOpen { open_ms } = *self {
+        if let Breaker::HalfOpen { open_ms, since } = *self {
             *self = Breaker::Open {
                 until: now,
                 open_ms,
+                since,
             };
         }
     }
@@ -250,14 +267,15 @@ mod tests {
     }
 
     #[test]
-    fn failed_probe_doubles_the_open_period_up_to_the_max() {
+    fn failed_probes_wait_half_the_outage_so_far_between_open_ms_and_the_max() {
         let mut breaker = Breaker::Open {
-            until: 0,
+            until: 30_000,
             open_ms: 30_000,
+            since: 0,
         };
-        let mut now = 0;
+        let mut now = 30_000;
         let mut periods = vec![];
-        for _ in 0..8 {
+        for _ in 0..12 {
             assert!(breaker.take_probe(now));
             let Some(BreakerChange::Opened { until }) = breaker.probe_result(&config(), now, false)
             else {
@@ -270,7 +288,8 @@ mod tests {
         assert_eq!(
             periods,
             [
-                60_000, 120_000, 240_000, 480_000, 600_000, 600_000, 600_000, 600_000
+                30_000, 30_000, 45_000, 67_500, 101_250, 151_875, 227_812, 341_718, 512_577,
+                600_000, 600_000, 600_000
             ]
         );
         assert!(breaker.take_probe(now));
@@ -281,11 +300,43 @@ mod tests {
         assert!(breaker.is_closed());
     }
 
+    /// The recovery property the probe schedule exists for: whenever the server comes back
+    /// during an outage, the next probe (which closes the breaker) comes at most a third of the
+    /// whole outage later, or within `open_ms` while the outage is short.
+    #[test]
+    fn recovery_lags_the_servers_return_by_at_most_a_third_of_the_outage() {
+        let config = config();
+        for back in (1_000..3_600_000u64).step_by(7_919) {
+            let mut breaker = Breaker::Open {
+                until: config.open_ms,
+                open_ms: config.open_ms,
+                since: 0,
+            };
+            let mut now = config.open_ms;
+            loop {
+                assert!(breaker.take_probe(now));
+                let healthy = now >= back;
+                let change = breaker.probe_result(&config, now, healthy);
+                if healthy {
+                    assert_eq!(change, Some(BreakerChange::Closed));
+                    let lag = now - back;
+                    assert!(
+                        lag <= (now / 3).max(config.open_ms).min(config.max_open_ms),
+                        "back at {back}, closed at {now}: lag {lag}"
+                    );
+                    break;
+                }
+                now = breaker.next_wake().expect("open");
+            }
+        }
+    }
+
     #[test]
     fn outcomes_while_open_are_ignored() {
         let mut breaker = Breaker::Open {
             until: 10,
             open_ms: 10,
+            since: 0,
         };
         assert_eq!(breaker.record(&config(), 0, true), None);
         assert!(!breaker.is_closed());

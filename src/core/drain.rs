@@ -4,13 +4,18 @@
 //! quinn-proto: feed it an [`Input`] with [`Drainer::handle`], then take every [`Action`] from
 //! [`Drainer::poll_action`] until there are none, performing each in order, then arm a timer for
 //! [`Drainer::next_wake`]. It reads no clock, performs no I/O and draws randomness only from the
-//! seed it was given.
+//! seed it was given. The [`Session`](super::session::Session) drives it in the browser shell and
+//! in the simulator alike.
 //!
 //! The store stays the source of truth. The drainer holds only a window of due ops (loaded on
 //! request through the due index), the requests in flight, the breaker and the pause flag. It can
 //! be dropped at any moment (a service worker killed at an `await`) and rebuilt from the store:
 //! every decision is persisted before the action that depends on it (an attempt is leased before
 //! its request is sent; a result is written before its event is emitted).
+//!
+//! The two decisions with the most rules are free functions over plain data, so they can be read
+//! and tested on their own: [`select_batch`] (what goes into the next request) and [`decide`]
+//! (what one reply means for one op).
 
 use std::collections::VecDeque;
 
@@ -50,24 +55,42 @@ impl Request {
 }
 
 /// Why the drainer is being woken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum WakeReason {
-    /// The context started (service worker start, event page load, `Outbox.open`).
-    Start,
     /// A timer armed for [`Drainer::next_wake`] fired.
     Timer,
-    /// A `chrome.alarms` alarm fired.
-    Alarm,
-    /// The `online` event: also ends an open breaker early.
-    Online,
-    /// A Background Sync `sync` event.
-    Sync,
-    /// A runtime message from another context.
-    Message,
     /// An op was enqueued (here or in another context).
     Enqueued,
+    /// A runtime message from another context.
+    Message,
+    /// The context started (service worker start, event page load, `Outbox.open`).
+    Start,
+    /// A `chrome.alarms` alarm fired.
+    Alarm,
+    /// A Background Sync `sync` event.
+    Sync,
+    /// The `online` event: also ends an open breaker early.
+    Online,
     /// The application called `flush()`: also ends an open breaker early.
     Flush,
+}
+
+impl WakeReason {
+    /// Whether this wake says only "something new may be due": the store is read once the
+    /// window runs out, not at once. Every enqueue wakes the drainer, and reading a batch of due
+    /// ops per enqueue starved replies under a stream of them; the window never misses a new op,
+    /// since ops join the due index behind every op already in it.
+    fn is_lazy(self) -> bool {
+        matches!(
+            self,
+            WakeReason::Timer | WakeReason::Enqueued | WakeReason::Message
+        )
+    }
+
+    /// Whether this wake is a hint that the server or the network is back.
+    fn ends_outage(self) -> bool {
+        matches!(self, WakeReason::Online | WakeReason::Flush)
+    }
 }
 
 /// Something that happened outside the drainer.
@@ -129,34 +152,79 @@ pub enum Action {
     Emit(Event),
 }
 
+/// The due head ops this drainer knows of, and what it knows of the rest of the store.
+#[derive(Debug, Default)]
+struct Window {
+    /// Due head ops loaded from the store and not in flight, earliest first.
+    ops: VecDeque<Op>,
+    /// The earliest `next_attempt_at` in the store outside the window, as far as is known.
+    next_due: Option<Millis>,
+    /// The store may have changed under the window: decide on what a load returns.
+    load_wanted: bool,
+    /// A load was asked for and has not been answered.
+    load_pending: bool,
+}
+
+impl Window {
+    /// Something in the store is due at `at` (a successor promoted, a retry scheduled, an op
+    /// enqueued).
+    fn due_at(&mut self, at: Millis) {
+        self.next_due = Some(self.next_due.map_or(at, |t| t.min(at)));
+    }
+}
+
+/// The requests this drainer has in flight.
+#[derive(Debug, Default)]
+struct Flights {
+    /// At most `max_in_flight` entries, so a Vec: a BTreeMap instantiation costs kilobytes of wasm.
+    requests: Vec<(RequestId, Vec<Op>)>,
+    /// Entities with an op in flight: at most one per entity.
+    busy: EntitySet,
+    next_id: u64,
+}
+
+impl Flights {
+    fn ops(&self) -> impl Iterator<Item = &Op> {
+        self.requests.iter().flat_map(|(_, ops)| ops)
+    }
+
+    fn take(&mut self, request: RequestId) -> Option<Vec<Op>> {
+        let at = self.requests.iter().position(|(id, _)| *id == request)?;
+        let (_, ops) = self.requests.swap_remove(at);
+        for op in &ops {
+            if let Some(entity) = &op.entity {
+                self.busy.remove(entity);
+            }
+        }
+        Some(ops)
+    }
+}
+
+/// The credential pause.
+#[derive(Debug, Default)]
+struct Auth {
+    /// Delivery waits for new credentials.
+    paused: bool,
+    /// The first request sent with the credentials of the last [`Input::AuthRenewed`]: a `401`
+    /// for an earlier request refused credentials that are already replaced, and must not pause
+    /// the queue again.
+    renewed_from: u64,
+}
+
 /// The delivery state machine. See the module docs for how to drive it.
 #[derive(Debug)]
 pub struct Drainer {
     config: Config,
     rng: Rng,
     breaker: Breaker,
-    paused: bool,
-    /// Due head ops loaded from the store and not in flight, earliest first.
-    window: VecDeque<Op>,
-    /// At most `max_in_flight` entries, so a Vec: a BTreeMap instantiation costs kilobytes of wasm.
-    in_flight: Vec<(RequestId, Vec<Op>)>,
-    /// Entities with an op in flight: at most one per entity.
-    busy: EntitySet,
-    load_wanted: bool,
-    load_pending: bool,
-    /// The earliest `next_attempt_at` in the store outside the window, as far as is known.
-    next_due: Option<Millis>,
-    actions: VecDeque<Action>,
-    next_request: u64,
-    /// The first request sent with the credentials of the last [`Input::AuthRenewed`]: a `401`
-    /// for an earlier request refused credentials that are already replaced, and must not pause
-    /// the queue again.
-    auth_from: u64,
     /// Whether a probe is out, whose answer the drainer waits for.
     probing: bool,
-    /// The latest `now` seen.
-    now: Millis,
-    started: bool,
+    auth: Auth,
+    window: Window,
+    flights: Flights,
+    actions: VecDeque<Action>,
+    /// The latest `now` seen, or `None` before the first input.
+    now: Option<Millis>,
     /// Whether `drained` was reported and nothing was sent since.
     quiet: bool,
 }
@@ -169,19 +237,18 @@ impl Drainer {
             config,
             rng: Rng::from_seed(seed),
             breaker,
-            paused,
-            window: VecDeque::new(),
-            in_flight: Vec::new(),
-            busy: EntitySet::default(),
-            load_wanted: true,
-            load_pending: false,
-            next_due: None,
-            actions: VecDeque::new(),
-            next_request: 0,
-            auth_from: 0,
             probing: false,
-            now: 0,
-            started: false,
+            auth: Auth {
+                paused,
+                renewed_from: 0,
+            },
+            window: Window {
+                load_wanted: true,
+                ..Window::default()
+            },
+            flights: Flights::default(),
+            actions: VecDeque::new(),
+            now: None,
             quiet: false,
         }
     }
@@ -198,17 +265,21 @@ impl Drainer {
 
     /// Whether delivery waits for new credentials.
     pub fn is_paused(&self) -> bool {
-        self.paused
+        self.auth.paused
     }
 
     /// Requests in flight.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
+        self.flights.requests.len()
     }
 
     /// Ops in flight.
     pub fn ops_in_flight(&self) -> impl Iterator<Item = &Op> {
-        self.in_flight.iter().flat_map(|(_, ops)| ops)
+        self.flights.ops()
+    }
+
+    fn now(&self) -> Millis {
+        self.now.unwrap_or(0)
     }
 
     /// Whether the drainer waits on nothing: no request in flight, no load asked for, no action
@@ -216,64 +287,54 @@ impl Drainer {
     pub fn is_idle(&self) -> bool {
         // A wanted load that a pause or an open breaker holds back waits for the next wake, not
         // for an input: the drainer is idle all the same.
-        let blocked = self.paused || !self.breaker.is_closed();
-        self.in_flight.is_empty()
-            && !self.load_pending
-            && (!self.load_wanted || blocked)
+        let blocked = self.auth.paused || !self.breaker.is_closed();
+        self.flights.requests.is_empty()
+            && !self.window.load_pending
+            && (!self.window.load_wanted || blocked)
             && !self.probing
             && self.actions.is_empty()
     }
 
     /// Feeds one input. Afterwards, take every action from [`poll_action`](Self::poll_action).
     pub fn handle(&mut self, now: Millis, input: Input) {
-        self.now = self.now.max(now);
-        if !self.started {
-            self.started = true;
+        if self.now.is_none() {
             // A probe that was in flight when the last context died is lost: probe again now.
             self.breaker.after_restart(now);
         }
+        self.now = Some(self.now().max(now));
         match input {
             Input::Wake(reason) => {
-                if matches!(reason, WakeReason::Online | WakeReason::Flush) {
+                if reason.ends_outage() {
                     self.breaker.expire(now);
                 }
-                self.load_wanted = true;
-            }
-            Input::Loaded { ops, next_due } => {
-                self.load_pending = false;
-                let mut in_flight: Vec<u64> = self.ops_in_flight().map(|op| op.seq).collect();
-                in_flight.sort_unstable();
-                self.window = ops
-                    .into_iter()
-                    .filter(|op| in_flight.binary_search(&op.seq).is_err())
-                    .collect();
-                self.next_due = next_due;
-                if self.window.is_empty()
-                    && next_due.is_none()
-                    && self.in_flight.is_empty()
-                    && !self.quiet
-                {
-                    self.quiet = true;
-                    self.actions.push_back(Action::Emit(Event::Drained));
+                if reason.is_lazy() {
+                    self.window.due_at(now);
+                } else {
+                    self.window.load_wanted = true;
                 }
             }
+            Input::Loaded { ops, next_due } => self.loaded(ops, next_due),
             Input::Vanished { request, seqs } => {
-                if let Some((_, ops)) = self.in_flight.iter_mut().find(|(id, _)| *id == request) {
+                if let Some((_, ops)) = self
+                    .flights
+                    .requests
+                    .iter_mut()
+                    .find(|(id, _)| *id == request)
+                {
                     for op in ops.iter().filter(|op| seqs.contains(&op.seq)) {
                         if let Some(entity) = &op.entity {
-                            self.busy.remove(entity);
+                            self.flights.busy.remove(entity);
                         }
                     }
                     ops.retain(|op| !seqs.contains(&op.seq));
                 }
                 // A request with nothing left is over: no reply will come for it.
-                self.in_flight.retain(|(_, ops)| !ops.is_empty());
+                self.flights.requests.retain(|(_, ops)| !ops.is_empty());
                 // Something changed underneath: the store knows what.
-                self.load_wanted = true;
+                self.window.load_wanted = true;
             }
             Input::Reply { request, reply } => {
-                if let Some(at) = self.in_flight.iter().position(|(id, _)| *id == request) {
-                    let (_, ops) = self.in_flight.swap_remove(at);
+                if let Some(ops) = self.flights.take(request) {
                     self.settle(now, request, ops, &reply);
                 }
             }
@@ -283,20 +344,41 @@ impl Drainer {
                     .breaker
                     .probe_result(&self.config.breaker, now, healthy)
                 {
-                    self.breaker_changed(change, Vec::new());
+                    self.actions
+                        .push_back(Action::Persist(vec![Write::Breaker(self.breaker)]));
+                    self.breaker_changed(change);
                 }
             }
             Input::AuthRenewed => {
-                self.auth_from = self.next_request;
-                if self.paused {
-                    self.paused = false;
+                self.auth.renewed_from = self.flights.next_id;
+                if self.auth.paused {
+                    self.auth.paused = false;
                     self.actions
                         .push_back(Action::Persist(vec![Write::Paused(false)]));
-                    self.load_wanted = true;
+                    self.window.load_wanted = true;
                 }
             }
         }
         self.pump(now);
+    }
+
+    fn loaded(&mut self, ops: Vec<Op>, next_due: Option<Millis>) {
+        self.window.load_pending = false;
+        let mut in_flight: Vec<u64> = self.flights.ops().map(|op| op.seq).collect();
+        in_flight.sort_unstable();
+        self.window.ops = ops
+            .into_iter()
+            .filter(|op| in_flight.binary_search(&op.seq).is_err())
+            .collect();
+        self.window.next_due = next_due;
+        if self.window.ops.is_empty()
+            && next_due.is_none()
+            && self.flights.requests.is_empty()
+            && !self.quiet
+        {
+            self.quiet = true;
+            self.actions.push_back(Action::Emit(Event::Drained));
+        }
     }
 
     /// The next thing to do, or `None` once there is nothing until the next input or wake.
@@ -313,7 +395,7 @@ impl Drainer {
     /// before the reply. Store ops that are due already are not a reason to wake: they wait for a
     /// free request slot or a load, which a reply or the load's answer brings.
     pub fn next_wake(&self) -> Option<Millis> {
-        if self.paused {
+        if self.auth.paused {
             return None;
         }
         match self.breaker {
@@ -321,25 +403,20 @@ impl Drainer {
             Breaker::HalfOpen { .. } => return None,
             Breaker::Closed { .. } => {}
         }
+        let now = self.now();
         // A lease already past means a reply is overdue; the shell's timeout brings it. Waking
         // for it would only spin.
-        let leases = self
-            .ops_in_flight()
-            .filter_map(|op| op.next_attempt_at)
-            .filter(|&at| at > self.now)
-            .min();
-        let store = self.next_due.filter(|&at| at > self.now);
-        let window = self
-            .window
-            .iter()
-            .filter_map(|op| op.next_attempt_at)
-            .filter(|&at| at > self.now)
-            .min();
-        [leases, store, window].into_iter().flatten().min()
+        let leases = self.flights.ops().filter_map(|op| op.next_attempt_at);
+        let window = self.window.ops.iter().filter_map(|op| op.next_attempt_at);
+        leases
+            .chain(window)
+            .chain(self.window.next_due)
+            .filter(|&at| at > now)
+            .min()
     }
 
     fn pump(&mut self, now: Millis) {
-        if self.paused {
+        if self.auth.paused {
             return;
         }
         if self.breaker.take_probe(now) {
@@ -351,90 +428,44 @@ impl Drainer {
             return;
         }
         let mut expired = Vec::new();
-        // A wanted load means the store may have changed under the window (an enqueue can replace
-        // a window op by coalescing): decide on what the load returns, not on stale copies.
-        while !self.load_wanted && self.in_flight.len() < self.config.max_in_flight {
-            let batch = self.select(now, &mut expired);
-            if batch.is_empty() {
+        // A wanted load means the store may have changed under the window: decide on what the
+        // load returns, not on stale copies.
+        while !self.window.load_wanted && self.flights.requests.len() < self.config.max_in_flight {
+            let selection =
+                select_batch(&self.config, &mut self.window.ops, &self.flights.busy, now);
+            expired.extend(selection.expired);
+            if selection.batch.is_empty() {
                 break;
             }
-            self.send(now, batch);
+            self.send(now, selection.batch);
         }
         if !expired.is_empty() {
             // Expiries must be durable before anything else happens; put them first.
             let mut writes = Vec::new();
             let mut events = Vec::new();
             for (op, reason) in expired {
-                self.finish_dead(
-                    op,
-                    reason,
-                    None,
-                    DeadCause::Expired,
-                    &mut writes,
-                    &mut events,
-                );
+                let decision = dead(op, reason, None, DeadCause::Expired);
+                self.apply(decision, &mut writes, &mut events);
+            }
+            // Their events follow the write at once, so a write found stale takes them along
+            // (see the session's `Persisted`).
+            for event in events.into_iter().rev() {
+                self.actions.push_front(Action::Emit(event));
             }
             self.actions.push_front(Action::Persist(writes));
-            self.actions.extend(events.into_iter().map(Action::Emit));
         }
-        let sendable = self.window.iter().any(|op| self.can_send(op, now));
-        let more_due = self.next_due.is_some_and(|at| at <= now);
-        if !sendable && more_due && self.in_flight.len() < self.config.max_in_flight {
-            self.load_wanted = true;
+        let busy = &self.flights.busy;
+        let sendable = self.window.ops.iter().any(|op| can_send(op, busy, now));
+        let more_due = self.window.next_due.is_some_and(|at| at <= now);
+        if !sendable && more_due && self.flights.requests.len() < self.config.max_in_flight {
+            self.window.load_wanted = true;
         }
-        if self.load_wanted && !self.load_pending {
-            self.load_wanted = false;
-            self.load_pending = true;
+        if self.window.load_wanted && !self.window.load_pending {
+            self.window.load_wanted = false;
+            self.window.load_pending = true;
             let limit = self.config.batch.max_ops.max(1) * self.config.max_in_flight * 2;
             self.actions.push_back(Action::Load { due_by: now, limit });
         }
-    }
-
-    fn can_send(&self, op: &Op, now: Millis) -> bool {
-        op.next_attempt_at.is_some_and(|at| at <= now)
-            && op.entity.as_ref().is_none_or(|e| !self.busy.contains(e))
-    }
-
-    /// Takes the next batch out of the window: due ops, one per entity, within the size limits,
-    /// an isolated op alone. Expired ops are moved to `expired` on the way.
-    fn select(&mut self, now: Millis, expired: &mut Vec<(Op, String)>) -> Vec<Op> {
-        let max_ops = match self.config.batch.mode {
-            SendMode::Single => 1,
-            SendMode::Batch => self.config.batch.max_ops,
-        };
-        let mut batch: Vec<Op> = Vec::new();
-        let mut bytes = 0;
-        let mut entities = EntitySet::default();
-        let mut i = 0;
-        while i < self.window.len() && batch.len() < max_ops {
-            let op = &self.window[i];
-            let taken = op.entity.as_ref().is_some_and(|e| entities.contains(e));
-            if !self.can_send(op, now) || taken || (op.solo && !batch.is_empty()) {
-                i += 1;
-                continue;
-            }
-            let max_age = self.config.limits_for(op.priority).max_age_ms;
-            if now >= op.created_at.saturating_add(max_age) {
-                let op = self.window.remove(i).expect("index in range");
-                let reason = format!("expired: not delivered within {max_age} ms");
-                expired.push((op, reason));
-                continue;
-            }
-            if !batch.is_empty() && bytes + op.size() > self.config.batch.max_bytes {
-                break;
-            }
-            let op = self.window.remove(i).expect("index in range");
-            bytes += op.size();
-            if let Some(entity) = &op.entity {
-                entities.insert(entity.clone());
-            }
-            let alone = op.solo;
-            batch.push(op);
-            if alone {
-                break;
-            }
-        }
-        batch
     }
 
     fn send(&mut self, now: Millis, mut ops: Vec<Op>) {
@@ -442,16 +473,19 @@ impl Drainer {
             op.attempts += 1;
             // The lease: if this context dies before the reply, the op is due again after the
             // request could have timed out twice over plus its backoff.
-            let backoff = self.config.backoff.delay(op.attempts, &mut self.rng);
+            let backoff = self
+                .config
+                .backoff
+                .delay(op.attempts, op.last_delay_ms, &mut self.rng);
             let lease = now + 2 * self.config.request_timeout_ms + backoff;
             op.next_attempt_at = Some(lease);
             if let Some(entity) = &op.entity {
-                self.busy.insert(entity.clone());
+                self.flights.busy.insert(entity.clone());
             }
         }
-        let id = RequestId(self.next_request);
-        self.next_request += 1;
-        self.in_flight.push((id, ops.clone()));
+        let id = RequestId(self.flights.next_id);
+        self.flights.next_id += 1;
+        self.flights.requests.push((id, ops.clone()));
         self.quiet = false;
         self.actions.push_back(Action::Send(Request {
             id,
@@ -461,11 +495,6 @@ impl Drainer {
     }
 
     fn settle(&mut self, now: Millis, request: RequestId, ops: Vec<Op>, reply: &Reply) {
-        for op in &ops {
-            if let Some(entity) = &op.entity {
-                self.busy.remove(entity);
-            }
-        }
         if ops.is_empty() {
             return;
         }
@@ -478,239 +507,350 @@ impl Drainer {
         );
         let mut writes = Vec::new();
         let mut events = Vec::new();
-        for (mut op, verdict) in ops.into_iter().zip(verdicts) {
-            match verdict {
-                Verdict::Done { version, duplicate } => {
-                    events.push(Event::Delivered {
-                        id: op.id,
-                        entity: op.entity.clone(),
-                        kind: op.kind.clone(),
-                        version,
-                        duplicate,
-                    });
-                    self.finish(op, Fate::Delivered { duplicate }, &mut writes);
-                }
-                Verdict::Retry {
-                    counts,
-                    floor,
-                    soon,
-                    error,
-                } => self.reschedule(
-                    now,
-                    op,
-                    counts,
-                    floor,
-                    soon,
-                    error,
-                    &mut writes,
-                    &mut events,
-                ),
-                Verdict::Conflict { version, state } => {
-                    self.conflict(now, op, version, state, &mut writes, &mut events)
-                }
-                Verdict::Dead { reason, status } => self.finish_dead(
-                    op,
-                    reason,
-                    status,
-                    DeadCause::Rejected,
-                    &mut writes,
-                    &mut events,
-                ),
-                Verdict::Ambiguous { reason } => self.finish_dead(
-                    op,
-                    reason,
-                    Some(422),
-                    DeadCause::Ambiguous,
-                    &mut writes,
-                    &mut events,
-                ),
-                Verdict::Pause { reason } => {
-                    op.last_error = Some(reason);
-                    self.retry_now(now, op, &mut writes);
-                    if !self.paused && request.0 >= self.auth_from {
-                        self.paused = true;
-                        writes.push(Write::Paused(true));
-                        events.push(Event::AuthRequired);
-                    }
-                }
-                Verdict::Isolate => {
-                    op.solo = true;
-                    self.retry_now(now, op, &mut writes);
-                }
-            }
+        let mut pause = false;
+        for (op, verdict) in ops.into_iter().zip(verdicts) {
+            let decision = decide(&self.config, &mut self.rng, now, op, verdict);
+            pause |= decision.pause;
+            self.apply(decision, &mut writes, &mut events);
         }
-        if self.in_flight.is_empty() && self.window.is_empty() && !self.quiet {
+        if pause && !self.auth.paused && request.0 >= self.auth.renewed_from {
+            self.auth.paused = true;
+            writes.push(Write::Paused(true));
+            events.push(Event::AuthRequired);
+        }
+        if self.flights.requests.is_empty() && self.window.ops.is_empty() && !self.quiet {
             // Only the store knows whether that was the last op: look, so `drained` is reported
             // even when the last op had no entity (whose finish promotes nothing).
-            self.load_wanted = true;
+            self.window.load_wanted = true;
         }
-        match self.breaker.record(&self.config.breaker, now, healthy) {
-            Some(change) => {
-                self.actions.push_back(Action::Persist(writes));
-                self.actions.extend(events.into_iter().map(Action::Emit));
-                self.breaker_changed(change, Vec::new());
-            }
-            None => {
-                if !writes.is_empty() {
-                    self.actions.push_back(Action::Persist(writes));
-                }
-                self.actions.extend(events.into_iter().map(Action::Emit));
-            }
+        // The breaker's memory of recent calls is persisted with every answer: the next
+        // session (the worker stops between them) must go on counting where this one stopped.
+        let before = self.breaker;
+        let change = self.breaker.record(&self.config.breaker, now, healthy);
+        if self.breaker != before {
+            writes.push(Write::Breaker(self.breaker));
+        }
+        if !writes.is_empty() {
+            self.actions.push_back(Action::Persist(writes));
+        }
+        self.actions.extend(events.into_iter().map(Action::Emit));
+        if let Some(change) = change {
+            self.breaker_changed(change);
         }
     }
 
-    fn breaker_changed(&mut self, change: BreakerChange, mut writes: Vec<Write>) {
-        writes.push(Write::Breaker(self.breaker));
-        self.actions.push_back(Action::Persist(writes));
+    /// Takes one op's decision into the batch of writes and events, and notes when the store
+    /// has something due because of it.
+    fn apply(&mut self, decision: Decision, writes: &mut Vec<Write>, events: &mut Vec<Event>) {
+        match &decision.write {
+            // The store promotes the entity's next op, which this window has not seen.
+            Write::Finish { op, .. } if op.entity.is_some() => self.window.due_at(self.now()),
+            Write::Update { op, .. } => {
+                if let Some(at) = op.next_attempt_at {
+                    self.window.due_at(at);
+                }
+            }
+            _ => {}
+        }
+        writes.push(decision.write);
+        events.extend(decision.event);
+    }
+
+    /// Reports a change of breaker state, which the caller has persisted.
+    fn breaker_changed(&mut self, change: BreakerChange) {
         let event = match change {
             BreakerChange::Opened { until } => Event::BreakerOpened { until },
             BreakerChange::Closed => {
-                self.load_wanted = true;
+                self.window.load_wanted = true;
                 Event::BreakerClosed
             }
         };
         self.actions.push_back(Action::Emit(event));
     }
+}
 
-    fn finish(&mut self, op: Op, fate: Fate, writes: &mut Vec<Write>) {
-        if op.entity.is_some() {
-            // The store promotes the entity's next op, which this window has not seen.
-            self.next_due = Some(self.next_due.map_or(self.now, |at| at.min(self.now)));
+fn can_send(op: &Op, busy: &EntitySet, now: Millis) -> bool {
+    op.next_attempt_at.is_some_and(|at| at <= now)
+        && op.entity.as_ref().is_none_or(|e| !busy.contains(e))
+}
+
+/// What [`select_batch`] took out of the window.
+#[derive(Debug, Default)]
+pub struct Selection {
+    /// The next request's ops.
+    pub batch: Vec<Op>,
+    /// Ops found past their max age on the way, with the reason; they become dead letters.
+    pub expired: Vec<(Op, String)>,
+}
+
+/// Takes the next batch out of `window`: due ops, at most one per entity and none of an entity
+/// in `busy`, within the size limits, an isolated (`solo`) op alone. Expired ops are taken out on
+/// the way. Ops left behind keep their order.
+pub fn select_batch(
+    config: &Config,
+    window: &mut VecDeque<Op>,
+    busy: &EntitySet,
+    now: Millis,
+) -> Selection {
+    let max_ops = match config.batch.mode {
+        SendMode::Single => 1,
+        SendMode::Batch => config.batch.max_ops,
+    };
+    let mut selection = Selection::default();
+    let mut bytes = 0;
+    let mut entities = EntitySet::default();
+    let mut i = 0;
+    while i < window.len() && selection.batch.len() < max_ops {
+        let op = &window[i];
+        let taken = op.entity.as_ref().is_some_and(|e| entities.contains(e));
+        if !can_send(op, busy, now) || taken || (op.solo && !selection.batch.is_empty()) {
+            i += 1;
+            continue;
         }
-        writes.push(Write::Finish { op, fate });
+        let max_age = config.limits_for(op.priority).max_age_ms;
+        if now >= op.created_at.saturating_add(max_age) {
+            let op = window.remove(i).expect("index in range");
+            let reason = format!("expired: not delivered within {max_age} ms");
+            selection.expired.push((op, reason));
+            continue;
+        }
+        if !selection.batch.is_empty() && bytes + op.size() > config.batch.max_bytes {
+            break;
+        }
+        let op = window.remove(i).expect("index in range");
+        bytes += op.size();
+        if let Some(entity) = &op.entity {
+            entities.insert(entity.clone());
+        }
+        let alone = op.solo;
+        selection.batch.push(op);
+        if alone {
+            break;
+        }
     }
+    selection
+}
 
-    fn finish_dead(
-        &mut self,
-        op: Op,
-        reason: String,
-        status: Option<u16>,
-        cause: DeadCause,
-        writes: &mut Vec<Write>,
-        events: &mut Vec<Event>,
-    ) {
-        events.push(Event::DeadLettered {
-            id: op.id,
-            entity: op.entity.clone(),
-            kind: op.kind.clone(),
-            reason: reason.clone(),
-        });
-        self.finish(
+/// What one reply means for one op: the write that records it, the event that reports it, and
+/// whether it asks the whole queue to pause for credentials.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// The op's new record, or its way out of the queue.
+    pub write: Write,
+    /// What the application hears, if anything.
+    pub event: Option<Event>,
+    /// The server refused the credentials.
+    pub pause: bool,
+}
+
+/// What a retry verdict asks of [`reschedule`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reschedule {
+    /// Whether the failure counts toward `max_attempts`.
+    pub counts: bool,
+    /// The least wait (`Retry-After`).
+    pub floor: Millis,
+    /// Wait one short delay instead of the growing backoff.
+    pub soon: bool,
+    /// Why, for the op's `last_error` and the event.
+    pub error: String,
+}
+
+/// Applies one verdict of the outcome table to one op (docs/DELIVERY.md). Pure but for the
+/// random draws (jitter, rebased ids), which come from `rng`.
+pub fn decide(
+    config: &Config,
+    rng: &mut Rng,
+    now: Millis,
+    mut op: Op,
+    verdict: Verdict,
+) -> Decision {
+    match verdict {
+        Verdict::Done { version, duplicate } => {
+            let event = Event::Delivered {
+                id: op.id,
+                entity: op.entity.clone(),
+                kind: op.kind.clone(),
+                version,
+                duplicate,
+            };
+            Decision {
+                write: Write::Finish {
+                    op,
+                    fate: Fate::Delivered { duplicate },
+                },
+                event: Some(event),
+                pause: false,
+            }
+        }
+        Verdict::Retry {
+            counts,
+            floor,
+            soon,
+            error,
+        } => reschedule(
+            config,
+            rng,
+            now,
             op,
-            Fate::DeadLettered {
+            Reschedule {
+                counts,
+                floor,
+                soon,
+                error,
+            },
+        ),
+        Verdict::Conflict { version, state } => conflict(config, rng, now, op, version, state),
+        Verdict::Dead { reason, status } => dead(op, reason, status, DeadCause::Rejected),
+        Verdict::Ambiguous { reason } => dead(op, reason, Some(422), DeadCause::Ambiguous),
+        Verdict::Pause { reason } => {
+            op.last_error = Some(reason);
+            op.next_attempt_at = Some(now);
+            Decision {
+                write: update(op),
+                event: None,
+                pause: true,
+            }
+        }
+        Verdict::Isolate => {
+            op.solo = true;
+            op.next_attempt_at = Some(now);
+            Decision {
+                write: update(op),
+                event: None,
+                pause: false,
+            }
+        }
+    }
+}
+
+fn dead(op: Op, reason: String, status: Option<u16>, cause: DeadCause) -> Decision {
+    let event = Event::DeadLettered {
+        id: op.id,
+        entity: op.entity.clone(),
+        kind: op.kind.clone(),
+        reason: reason.clone(),
+    };
+    Decision {
+        write: Write::Finish {
+            op,
+            fate: Fate::DeadLettered {
                 reason,
                 status,
                 cause,
             },
-            writes,
+        },
+        event: Some(event),
+        pause: false,
+    }
+}
+
+/// A failed attempt: give up (attempts exhausted or too old), or wait and try again.
+pub fn reschedule(
+    config: &Config,
+    rng: &mut Rng,
+    now: Millis,
+    mut op: Op,
+    retry: Reschedule,
+) -> Decision {
+    op.failures += u32::from(retry.counts);
+    op.last_error = Some(retry.error.clone());
+    let limits = config.limits_for(op.priority);
+    if op.failures >= limits.max_attempts {
+        let reason = format!(
+            "gave up after {} failed attempts: {}",
+            op.failures, retry.error
         );
+        return dead(op, reason, None, DeadCause::Exhausted);
     }
-
-    fn retry_now(&mut self, now: Millis, mut op: Op, writes: &mut Vec<Write>) {
-        op.next_attempt_at = Some(now);
-        self.next_due = Some(self.next_due.map_or(now, |at| at.min(now)));
-        writes.push(Write::Update(op));
+    if now >= op.created_at.saturating_add(limits.max_age_ms) {
+        let reason = format!("expired after {} ms: {}", limits.max_age_ms, retry.error);
+        return dead(op, reason, None, DeadCause::Expired);
     }
+    // `soon`: the first retry's delay, whatever the count (the same request is still running).
+    let nth = if retry.soon { 1 } else { op.attempts };
+    let previous = if retry.soon { None } else { op.last_delay_ms };
+    let jittered = config.backoff.delay(nth, previous, rng);
+    let delay = jittered.max(retry.floor);
+    op.last_delay_ms = Some(jittered);
+    op.next_attempt_at = Some(now + delay);
+    let event = Event::RetryScheduled {
+        id: op.id,
+        entity: op.entity.clone(),
+        attempt: op.attempts,
+        delay_ms: delay,
+        error: retry.error,
+    };
+    Decision {
+        write: update(op),
+        event: Some(event),
+        pause: false,
+    }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn reschedule(
-        &mut self,
-        now: Millis,
-        mut op: Op,
-        counts: bool,
-        floor: Millis,
-        soon: bool,
-        error: String,
-        writes: &mut Vec<Write>,
-        events: &mut Vec<Event>,
-    ) {
-        op.failures += u32::from(counts);
-        op.last_error = Some(error.clone());
-        let limits = *self.config.limits_for(op.priority);
-        if op.failures >= limits.max_attempts {
-            let reason = format!("gave up after {} failed attempts: {error}", op.failures);
-            return self.finish_dead(op, reason, None, DeadCause::Exhausted, writes, events);
+/// An update of an op that keeps its id.
+fn update(op: Op) -> Write {
+    let was = op.id;
+    Write::Update { op, was }
+}
+
+fn conflict(
+    config: &Config,
+    rng: &mut Rng,
+    now: Millis,
+    mut op: Op,
+    version: Option<u64>,
+    state: Option<String>,
+) -> Decision {
+    let event = |resolution, rebased_as: Option<OpId>, op: &Op| Event::Conflict {
+        id: op.id,
+        entity: op.entity.clone(),
+        kind: op.kind.clone(),
+        resolution,
+        server_version: version,
+        server_state: state.clone(),
+        rebased_as,
+    };
+    let finish = |op: Op, fate: Fate, event: Event| Decision {
+        write: Write::Finish { op, fate },
+        event: Some(event),
+        pause: false,
+    };
+    match config.kind(&op.kind).conflict {
+        ConflictPolicy::ServerWins => {
+            let event = event(ConflictOutcome::ServerWins, None, &op);
+            finish(op, Fate::Dropped, event)
         }
-        if now >= op.created_at.saturating_add(limits.max_age_ms) {
-            let reason = format!("expired after {} ms: {error}", limits.max_age_ms);
-            return self.finish_dead(op, reason, None, DeadCause::Expired, writes, events);
+        ConflictPolicy::Manual => {
+            let event = event(ConflictOutcome::Parked, None, &op);
+            let fate = Fate::Parked {
+                server_version: version,
+                server_state: state.clone(),
+            };
+            finish(op, fate, event)
         }
-        let jitter = if soon {
-            self.config.backoff.delay(0, &mut self.rng)
-        } else {
-            self.config.backoff.delay(op.attempts, &mut self.rng)
-        };
-        let delay = jitter.max(floor);
-        let at = now + delay;
-        op.next_attempt_at = Some(at);
-        self.next_due = Some(self.next_due.map_or(at, |t| t.min(at)));
-        events.push(Event::RetryScheduled {
-            id: op.id,
-            entity: op.entity.clone(),
-            attempt: op.attempts,
-            delay_ms: delay,
-            error,
-        });
-        writes.push(Write::Update(op));
-    }
-
-    fn conflict(
-        &mut self,
-        now: Millis,
-        mut op: Op,
-        version: Option<u64>,
-        state: Option<String>,
-        writes: &mut Vec<Write>,
-        events: &mut Vec<Event>,
-    ) {
-        let event = |resolution, rebased_as: Option<OpId>, op: &Op| Event::Conflict {
-            id: op.id,
-            entity: op.entity.clone(),
-            kind: op.kind.clone(),
-            resolution,
-            server_version: version,
-            server_state: state.clone(),
-            rebased_as,
-        };
-        match self.config.kind(&op.kind).conflict {
-            ConflictPolicy::ServerWins => {
-                events.push(event(ConflictOutcome::ServerWins, None, &op));
-                self.finish(op, Fate::Dropped, writes);
-            }
-            ConflictPolicy::Manual => {
-                events.push(event(ConflictOutcome::Parked, None, &op));
-                let fate = Fate::Parked {
-                    server_version: version,
-                    server_state: state.clone(),
+        ConflictPolicy::ClientWins => {
+            let max_attempts = config.limits_for(op.priority).max_attempts;
+            op.failures += 1;
+            let Some(version) = version.filter(|_| op.failures < max_attempts) else {
+                let reason = match version {
+                    None => "conflict, and the server did not say its version".to_owned(),
+                    Some(_) => format!("still conflicting after {} rebases", op.failures),
                 };
-                self.finish(op, fate, writes);
-            }
-            ConflictPolicy::ClientWins => {
-                let max_attempts = self.config.limits_for(op.priority).max_attempts;
-                op.failures += 1;
-                let Some(version) = version.filter(|_| op.failures < max_attempts) else {
-                    let reason = match version {
-                        None => "conflict, and the server did not say its version".to_owned(),
-                        Some(_) => format!("still conflicting after {} rebases", op.failures),
-                    };
-                    let status = Some(409);
-                    return self.finish_dead(
-                        op,
-                        reason,
-                        status,
-                        DeadCause::Rejected,
-                        writes,
-                        events,
-                    );
-                };
-                // The old id's conflict is stored on the server, so the rebased copy needs a new
-                // one. It keeps `seq` and `prev`: it is the same step in the entity's history.
-                let rebased = OpId::from_random_bytes(self.rng.bytes16());
-                events.push(event(ConflictOutcome::Rebased, Some(rebased), &op));
-                op.id = rebased;
-                op.base_version = Some(version);
-                op.last_error = Some(format!("conflict: rebased on version {version}"));
-                self.retry_now(now, op, writes);
+                return dead(op, reason, Some(409), DeadCause::Rejected);
+            };
+            // The old id's conflict is stored on the server, so the rebased copy needs a new
+            // one. It keeps `seq` and `prev`: it is the same step in the entity's history.
+            let rebased = OpId::from_random_bytes(rng.bytes16());
+            let event = event(ConflictOutcome::Rebased, Some(rebased), &op);
+            let was = std::mem::replace(&mut op.id, rebased);
+            op.base_version = Some(version);
+            op.last_error = Some(format!("conflict: rebased on version {version}"));
+            op.next_attempt_at = Some(now);
+            Decision {
+                write: Write::Update { op, was },
+                event: Some(event),
+                pause: false,
             }
         }
     }
@@ -719,20 +859,23 @@ impl Drainer {
 /// A set of entity names, kept sorted in a Vec. It holds at most a few hundred names, and a
 /// `BTreeSet<String>` would add kilobytes of wasm for nothing.
 #[derive(Debug, Default)]
-struct EntitySet(Vec<String>);
+pub struct EntitySet(Vec<String>);
 
 impl EntitySet {
-    fn contains(&self, entity: &str) -> bool {
+    /// Whether `entity` is in the set.
+    pub fn contains(&self, entity: &str) -> bool {
         self.0.binary_search_by(|e| e.as_str().cmp(entity)).is_ok()
     }
 
-    fn insert(&mut self, entity: String) {
+    /// Adds `entity`.
+    pub fn insert(&mut self, entity: String) {
         if let Err(at) = self.0.binary_search(&entity) {
             self.0.insert(at, entity);
         }
     }
 
-    fn remove(&mut self, entity: &str) {
+    /// Removes `entity`.
+    pub fn remove(&mut self, entity: &str) {
         if let Ok(at) = self.0.binary_search_by(|e| e.as_str().cmp(entity)) {
             self.0.remove(at);
         }

@@ -117,6 +117,17 @@ impl Event {
         }
     }
 
+    /// The op the event is about, if it is about one.
+    pub fn op_id(&self) -> Option<OpId> {
+        match self {
+            Event::Delivered { id, .. }
+            | Event::RetryScheduled { id, .. }
+            | Event::DeadLettered { id, .. }
+            | Event::Conflict { id, .. } => Some(*id),
+            _ => None,
+        }
+    }
+
     /// Every event name, for validating `on(name, …)`.
     pub const NAMES: [&'static str; 9] = [
         "delivered",

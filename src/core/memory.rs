@@ -32,6 +32,8 @@ pub struct MemoryStore {
     pub breaker: Breaker,
     /// The persisted credential pause.
     pub paused: bool,
+    /// The persisted checksum of refused credentials.
+    pub refused: Option<u32>,
 }
 
 impl MemoryStore {
@@ -175,6 +177,11 @@ impl QueueTxn for MemoryStore {
 
     async fn put_paused(&mut self, paused: bool) -> Result<(), Refusal> {
         self.paused = paused;
+        Ok(())
+    }
+
+    async fn put_refused(&mut self, checksum: u32) -> Result<(), Refusal> {
+        self.refused = Some(checksum);
         Ok(())
     }
 

@@ -156,6 +156,9 @@ pub struct Op {
     /// Send this op in a request of its own: a whole batch was refused once, and sending alone
     /// finds the op at fault without taking the others down with it.
     pub solo: bool,
+    /// The last retry delay chosen, which `decorrelated` backoff grows from.
+    #[serde(default)]
+    pub last_delay_ms: Option<Millis>,
 }
 
 /// Bytes an op adds to a request beyond its payload, kind and entity: the JSON field names, ids

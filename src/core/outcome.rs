@@ -271,6 +271,7 @@ mod tests {
             next_attempt_at: Some(0),
             last_error: None,
             solo: false,
+            last_delay_ms: None,
         }
     }
 

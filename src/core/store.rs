@@ -69,6 +69,8 @@ pub trait QueueTxn {
     async fn put_breaker(&mut self, breaker: &Breaker) -> Result<(), Self::Error>;
     /// Persists whether delivery is paused for credentials.
     async fn put_paused(&mut self, paused: bool) -> Result<(), Self::Error>;
+    /// Persists the checksum of credentials the server refused (never the credentials).
+    async fn put_refused(&mut self, checksum: u32) -> Result<(), Self::Error>;
     /// The record of a caller's key.
     async fn get_key(&mut self, key: &str) -> Result<Option<KeyRecord>, Self::Error>;
     /// Stores the record of a caller's key.
@@ -124,8 +126,16 @@ pub trait QueueTxn {
 /// A change the drainer asks to persist.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Write {
-    /// Store this op in place of the one with the same `seq` (rescheduled, rebased, isolated).
-    Update(Op),
+    /// Store this op in place of the one with the same `seq` (rescheduled, rebased, isolated),
+    /// if the stored one is still the copy this drainer sent: id `was`, and the same attempt
+    /// count. Otherwise another drainer took the op over (after a lost lock) or finished it, and
+    /// the write is stale.
+    Update {
+        /// The op's new record.
+        op: Op,
+        /// Its id when it was sent (a rebase gives it a new one).
+        was: OpId,
+    },
     /// The op leaves the queue.
     Finish {
         /// The op, as the drainer last had it.
@@ -137,6 +147,8 @@ pub enum Write {
     Breaker(Breaker),
     /// Persist the credential pause.
     Paused(bool),
+    /// Persist the checksum of refused credentials.
+    Refused(u32),
 }
 
 /// How an op leaves the queue.
@@ -287,44 +299,59 @@ pub async fn lease<T: QueueTxn>(txn: &mut T, ops: &[Op]) -> Result<Vec<u64>, T::
     Ok(vanished)
 }
 
-/// Persists the drainer's writes. Everything it must read (the stored copy of each finishing
-/// op, each entity's next op, the counters) is read first, in batches, then everything is written.
+/// Persists the drainer's writes. Everything it must read (the stored copy of each op written,
+/// each finishing op's successor, the counters) is read first, in batches, then everything is
+/// written. Returns the `seq`s of the writes that were stale (see [`Write::Update`]; a finish
+/// of an op that is gone, or that another op took the place of) and so changed nothing: their
+/// events must not be reported.
 pub async fn apply<T: QueueTxn>(
     txn: &mut T,
     writes: &[Write],
     now: Millis,
-) -> Result<(), T::Error> {
-    let finishing: Vec<&Op> = writes
+) -> Result<Vec<u64>, T::Error> {
+    let touched: Vec<u64> = writes
         .iter()
         .filter_map(|write| match write {
-            Write::Finish { op, .. } => Some(op),
+            Write::Finish { op, .. } | Write::Update { op, .. } => Some(op.seq),
             _ => None,
         })
         .collect();
-    let mut counters = None;
-    let (mut stored, mut successors) = (Vec::new().into_iter(), Vec::new().into_iter());
-    if !finishing.is_empty() {
-        let seqs: Vec<u64> = finishing.iter().map(|op| op.seq).collect();
-        let keys: Vec<(&str, u64)> = finishing
-            .iter()
-            .filter_map(|op| Some((op.entity.as_deref()?, op.seq)))
-            .collect();
-        stored = txn.get_ops(&seqs).await?.into_iter();
-        successors = txn.next_on_entities(&keys).await?.into_iter();
-        counters = Some(txn.counters().await?);
-    }
+    let keys: Vec<(&str, u64)> = writes
+        .iter()
+        .filter_map(|write| match write {
+            Write::Finish { op, .. } => Some((op.entity.as_deref()?, op.seq)),
+            _ => None,
+        })
+        .collect();
+    let finishing = writes.iter().any(|w| matches!(w, Write::Finish { .. }));
+    let mut stored = txn.get_ops(&touched).await?.into_iter();
+    let mut successors = txn.next_on_entities(&keys).await?.into_iter();
+    let mut counters = match finishing {
+        true => Some(txn.counters().await?),
+        false => None,
+    };
+    let mut stale = Vec::new();
     for write in writes {
         match write {
-            Write::Update(op) => txn.put_op(op).await?,
+            Write::Update { op, was } => match stored.next().flatten() {
+                Some(stored) if stored.id == *was && stored.attempts == op.attempts => {
+                    txn.put_op(op).await?;
+                }
+                _ => stale.push(op.seq),
+            },
             Write::Finish { op, fate } => {
                 let successor = match op.entity {
                     Some(_) => successors.next().flatten(),
                     None => None,
                 };
-                // Finishing twice (a replayed write) must not count twice.
+                // Finishing twice (a replayed write, or two drainers answered for one op) must
+                // not count twice.
                 let stored = match stored.next().flatten() {
                     Some(stored) if stored.id == op.id => stored,
-                    _ => continue,
+                    _ => {
+                        stale.push(op.seq);
+                        continue;
+                    }
                 };
                 txn.delete_op(op.seq).await?;
                 if let Some(c) = &mut counters {
@@ -366,12 +393,13 @@ pub async fn apply<T: QueueTxn>(
             }
             Write::Breaker(breaker) => txn.put_breaker(breaker).await?,
             Write::Paused(paused) => txn.put_paused(*paused).await?,
+            Write::Refused(checksum) => txn.put_refused(*checksum).await?,
         }
     }
     if let Some(c) = counters {
         txn.put_counters(&c).await?;
     }
-    Ok(())
+    Ok(stale)
 }
 
 /// Makes `next` the head of its entity after `departed` left with `fate`. Unless `departed`

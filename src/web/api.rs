@@ -144,7 +144,7 @@ impl Outbox {
             shared.check_open()?;
             let (draft, key) = parse_draft(&request)?;
             let id = random_id()?;
-            let config = &shared.config;
+            let config = shared.config();
             let at = now();
             let key = key.as_deref().map(|key| CallKey { key, now: at });
             let receipt = shared
@@ -198,9 +198,8 @@ impl Outbox {
                 "enqueued" => WakeReason::Enqueued,
                 "flush" => WakeReason::Flush,
                 "auth" => {
-                    if let Some(drain) = shared.renew_auth() {
-                        drain.await;
-                    }
+                    // Ignored: it only ever resolves.
+                    let _ = shared.renew_auth().await;
                     return Ok(JsValue::UNDEFINED);
                 }
                 other => {
@@ -209,9 +208,9 @@ impl Outbox {
                     )));
                 }
             };
-            if let Some(drain) = shared.wake(reason) {
-                drain.await;
-            }
+            // Ignored: it only ever resolves.
+            let _ = shared.wake(reason).await;
+            shared.check_open()?;
             Ok(JsValue::UNDEFINED)
         })
     }
@@ -303,7 +302,7 @@ impl Outbox {
             let id = parse_id(&id)?;
             let key = parse_call_options(&options)?;
             let fresh = random_id()?;
-            let config = &shared.config;
+            let config = shared.config();
             let at = now();
             let key = key.as_deref().map(|key| CallKey { key, now: at });
             let receipt = shared
@@ -377,7 +376,7 @@ impl Outbox {
                 }
             };
             let fresh = random_id()?;
-            let config = &shared.config;
+            let config = shared.config();
             let at = now();
             let key = key.as_deref().map(|key| CallKey { key, now: at });
             let receipt = shared
@@ -515,7 +514,7 @@ async fn open(config: JsValue) -> Result<Outbox> {
         }
     };
     let transport = Transport::new(endpoint, client, config.request_timeout_ms, auth);
-    let shared = Shared::new(database, store, config, transport, schedule);
+    let shared = Shared::new(database, store, config, transport, schedule)?;
     // A newer version of the extension is upgrading the database: step aside, or it waits.
     let weak = Rc::downgrade(&shared);
     let on_version_change = Closure::<dyn Fn()>::new(move || {
@@ -524,7 +523,7 @@ async fn open(config: JsValue) -> Result<Outbox> {
         }
     });
     db.set_onversionchange(Some(on_version_change.as_ref().unchecked_ref()));
-    on_version_change.forget();
+    shared.keep_database_handler(on_version_change);
     let weak = Rc::downgrade(&shared);
     let on_close = Closure::<dyn Fn()>::new(move || {
         if let Some(shared) = weak.upgrade() {
@@ -532,7 +531,7 @@ async fn open(config: JsValue) -> Result<Outbox> {
         }
     });
     db.set_onclose(Some(on_close.as_ref().unchecked_ref()));
-    on_close.forget();
+    shared.keep_database_handler(on_close);
     shared.spawn_wake(WakeReason::Start);
     Ok(Outbox { shared })
 }

@@ -48,56 +48,58 @@ fn lock_manager() -> Option<LockManager> {
     (!locks.is_undefined() && !locks.is_null()).then(|| locks.unchecked_into())
 }
 
-/// Runs `work` while holding the Web Lock `name`, which at most one context of the origin holds
-/// at a time (service worker, popup, options page alike). With `wait`, waits for the lock;
-/// without, gives up at once if it is taken. Returns whether `work` ran.
-///
-/// Without Web Locks (very old browsers), or where requesting one fails (an opaque origin),
-/// `work` runs unguarded: a single context is still correct, and leases keep two drainers from
-/// sending the same op twice in a row.
-pub async fn with_lock<F>(name: &str, wait: bool, work: F) -> bool
-where
-    F: std::future::Future<Output = ()> + 'static,
-{
+/// The answer to a Web Lock request.
+pub enum LockGrant {
+    /// The lock is held until this function is called (it resolves the promise that the lock's
+    /// callback returned), or until the context goes away.
+    Held(Function),
+    /// Another context holds it, and the request did not wait.
+    Busy,
+    /// There are no Web Locks here (very old browsers), or requesting one failed (an opaque
+    /// origin).
+    Unavailable,
+}
+
+/// Asks for the Web Lock `name`, which at most one context of the origin holds at a time
+/// (service worker, popup, options page alike). With `wait`, waits for it; without, gives up at
+/// once if it is taken.
+pub async fn acquire_lock(name: &str, wait: bool) -> LockGrant {
     let Some(locks) = lock_manager() else {
-        work.await;
-        return true;
+        return LockGrant::Unavailable;
     };
     let options = js_sys::Object::new();
     // Setting a property on a fresh object cannot fail.
     let _ = Reflect::set(&options, &"ifAvailable".into(), &JsValue::from_bool(!wait));
-    // Shared with the callback, so that work the callback never took can run unguarded.
-    let work = std::rc::Rc::new(std::cell::RefCell::new(Some(work)));
-    let offered = work.clone();
+    // `granted` resolves with the lock (or null) when the browser calls back; the callback
+    // returns `held`, which keeps the lock until `release` resolves it.
+    let mut settle_granted = None;
+    let granted = Promise::new(&mut |resolve, _| settle_granted = Some(resolve));
+    let mut release = None;
+    let held = Promise::new(&mut |resolve, _| release = Some(resolve));
+    let (Some(settle_granted), Some(release)) = (settle_granted, release) else {
+        return LockGrant::Unavailable;
+    };
     let callback = Closure::once_into_js(move |lock: JsValue| -> Promise {
-        match offered.borrow_mut().take() {
-            Some(work) if !lock.is_null() => wasm_bindgen_futures::future_to_promise(async move {
-                work.await;
-                Ok(JsValue::TRUE)
-            }),
-            _ => Promise::resolve(&JsValue::FALSE),
+        let _ = settle_granted.call1(&JsValue::NULL, &lock);
+        if lock.is_null() {
+            Promise::resolve(&JsValue::FALSE)
+        } else {
+            held
         }
     });
-    let held = locks.request_with_options(name, &options, callback.unchecked_ref());
-    let held = match held {
-        Ok(held) => JsFuture::from(held).await,
-        Err(error) => Err(error),
+    let failed = |error: &JsValue| {
+        web_sys::console::warn_2(&"outbox: Web Lock request failed:".into(), error);
+        LockGrant::Unavailable
     };
-    match held {
-        Ok(ran) => ran.is_truthy(),
-        Err(error) => {
-            web_sys::console::warn_2(
-                &"outbox: Web Lock request failed; draining unguarded:".into(),
-                &error,
-            );
-            let unclaimed = work.borrow_mut().take();
-            match unclaimed {
-                Some(work) => {
-                    work.await;
-                    true
-                }
-                None => false,
-            }
-        }
+    let requested = match locks.request_with_options(name, &options, callback.unchecked_ref()) {
+        Ok(requested) => requested,
+        Err(error) => return failed(&error),
+    };
+    // A request that fails before the callback (a SecurityError) rejects `requested` first.
+    let first = Promise::race(&js_sys::Array::of2(&granted, &requested));
+    match JsFuture::from(first).await {
+        Ok(lock) if lock.is_null() || lock.is_falsy() => LockGrant::Busy,
+        Ok(_) => LockGrant::Held(release),
+        Err(error) => failed(&error),
     }
 }

@@ -1,84 +1,32 @@
-//! Drives the core in the browser: one drain session at a time per origin, fed by every trigger.
+//! Plumbing between the core's [`Session`] and the browser: it performs the session's actions
+//! (IndexedDB, `fetch`, the Web Lock, `BroadcastChannel`, timers, the `schedule` hook, events)
+//! and feeds their outcomes back. Every decision is the session's (`src/core/session.rs`); this
+//! file only carries them out.
 //!
-//! A *session* holds the Web Lock `outbox-drain:<database>`, rebuilds a [`Drainer`] from the
-//! store, performs its actions until it is idle, then releases the lock and arms a timer (and,
-//! through the `schedule` hook, a `chrome.alarms` alarm) for the next wake. Any context may
-//! enqueue; whichever holds the lock drains. A context that finds the lock taken tells the holder
-//! over a `BroadcastChannel`, so an op enqueued in the popup is picked up by the worker's session.
-//!
-//! Every wake lands somewhere: in the running session's mailbox, or in `wake_pending` while a
-//! session is starting or ending (it is replayed once the lock is released), or it starts a
-//! session. A renewal of credentials (`wake("auth")`) reaches a running session as
-//! `AuthRenewed`, or waits in `renewed` for the next. Nothing depends on a wake arriving, though:
-//! each session begins by loading from the store, and while ops are pending the `schedule` hook
-//! always has an alarm armed.
+//! One task at a time drives the session ([`Shared::drive`]): it takes an action, performs it
+//! (awaiting a store transaction in place), answers it, and goes on until there is none. Sends,
+//! probes and the lock request run in tasks of their own and answer when they finish; inputs
+//! from outside (API calls, other contexts, timers) are handed to the session at once, which
+//! holds them until it can take them.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
-use std::future::poll_fn;
 use std::rc::{Rc, Weak};
-use std::task::{Poll, Waker};
 
-use js_sys::Function;
+use js_sys::{Function, Promise};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::JsFuture;
 use web_sys::{BroadcastChannel, MessageEvent};
 
 use super::error::{Error, Result, js_error};
 use super::idb::Durability;
-use super::platform::{now, random, with_lock};
+use super::platform::{LockGrant, acquire_lock, now, random};
 use super::store::Store;
 use super::transport::{Transport, timer_ms};
-use crate::core::store::{apply, lease};
-use crate::core::{Action, Config, Drainer, Event, Input, Millis, Reply, WakeReason};
-
-/// With ops pending but nothing scheduled (paused for credentials, say), the `schedule` hook is
-/// asked to wake the context this often, so that a token renewed without `wake("auth")`, or a
-/// lost wake, never leaves the queue stranded. (Only the hook: an in-memory timer would keep a
-/// window busy for nothing, and a service worker is stopped anyway.)
-const HEARTBEAT_MS: Millis = 60_000;
-
-/// Most callers' keys purged at the end of one session.
-const KEY_PURGE_CHUNK: usize = 200;
-
-/// Inputs for the running session, from replies, probes and wakes.
-#[derive(Default)]
-struct Mailbox {
-    inputs: RefCell<VecDeque<Input>>,
-    waker: RefCell<Option<Waker>>,
-}
-
-impl Mailbox {
-    fn take(&self) -> Option<Input> {
-        self.inputs.borrow_mut().pop_front()
-    }
-
-    fn push(&self, input: Input) {
-        self.inputs.borrow_mut().push_back(input);
-        if let Some(waker) = self.waker.borrow_mut().take() {
-            waker.wake();
-        }
-    }
-
-    /// The next input, or a timer wake at `deadline` if nothing comes first.
-    async fn recv(&self, deadline: Option<Millis>) -> Input {
-        let mut timer = deadline.map(|at| {
-            let delay = timer_ms(at.saturating_sub(now()));
-            Box::pin(gloo_timers::future::TimeoutFuture::new(delay))
-        });
-        poll_fn(|cx| {
-            if let Some(input) = self.inputs.borrow_mut().pop_front() {
-                return Poll::Ready(input);
-            }
-            *self.waker.borrow_mut() = Some(cx.waker().clone());
-            match timer.as_mut().map(|t| t.as_mut().poll(cx)) {
-                Some(Poll::Ready(())) => Poll::Ready(Input::Wake(WakeReason::Timer)),
-                _ => Poll::Pending,
-            }
-        })
-        .await
-    }
-}
+use crate::core::store::{QueueTxn, apply, lease};
+use crate::core::{
+    Config, Event, Session, SessionAction, SessionInput, WakeReason, credentials_checksum,
+};
 
 /// Listeners registered with `on`.
 #[derive(Default)]
@@ -99,7 +47,8 @@ impl Listeners {
             .retain(|(n, f)| !(n == name && f == callback));
     }
 
-    fn dispatch(&self, name: &str, value: &JsValue) {
+    /// Calls every listener of `name` with `value`.
+    pub fn dispatch(&self, name: &str, value: &JsValue) {
         // Clone first: a listener may call `on` or `off`.
         let targets: Vec<Function> = self
             .entries
@@ -117,35 +66,48 @@ impl Listeners {
     }
 }
 
-/// Everything one open `Outbox` shares between its API calls and its sessions.
+/// Someone waiting for a session to end: a `flush()` (which needs its flush served) or a
+/// `wake()`.
+struct Waiter {
+    /// For a flush: the flush number that must be served.
+    flush: Option<u64>,
+    resolve: Function,
+}
+
+/// The channel to the other contexts and its message handler.
+type Channel = (BroadcastChannel, Closure<dyn Fn(MessageEvent)>);
+
+/// Handlers this outbox set on browser objects, removed by `close()` so nothing is leaked.
+#[derive(Default)]
+struct Handlers {
+    channel: Option<Channel>,
+    database: Vec<Closure<dyn Fn()>>,
+}
+
+/// Everything one open `Outbox` shares between its API calls and its session.
 pub struct Shared {
     /// The database name, which also names the lock and the broadcast channel.
     pub name: String,
     /// The store.
     pub store: Store,
-    /// The delivery policy.
-    pub config: Config,
     /// The HTTP side.
     pub transport: Transport,
     /// The `schedule(atMs | null)` hook, which the extension glue maps to `chrome.alarms`.
     pub schedule: Option<Function>,
     /// Event listeners.
     pub listeners: Listeners,
-    channel: RefCell<Option<BroadcastChannel>>,
-    running: RefCell<Option<Rc<Mailbox>>>,
-    starting: Cell<u32>,
-    ending: Cell<bool>,
-    wake_pending: Cell<bool>,
+    session: RefCell<Session>,
+    config: Config,
+    driving: Cell<bool>,
+    lock: RefCell<Option<Function>>,
     timer: RefCell<Option<gloo_timers::callback::Timeout>>,
+    waiters: RefCell<Vec<Waiter>>,
+    handlers: RefCell<Handlers>,
     closed: Cell<Option<&'static str>>,
-    in_flight: Cell<usize>,
-    /// The application said (`wake("auth")`) that credentials were renewed: the next session
-    /// resumes a paused queue without comparing credentials.
-    renewed: Cell<bool>,
 }
 
 /// What contexts of the same outbox broadcast to each other: this word, for "someone enqueued
-/// or was woken but could not take the lock, so the holder should load"; or an event's JSON, for
+/// or was woken but could not take the lock, so the holder should look"; or an event's JSON, for
 /// listeners everywhere. Plain strings, parsed by the browser's own JSON.
 const WAKE_MESSAGE: &str = "wake";
 
@@ -157,26 +119,30 @@ impl Shared {
         config: Config,
         transport: Transport,
         schedule: Option<Function>,
-    ) -> Rc<Self> {
+    ) -> Result<Rc<Self>> {
+        let session = Session::new(config.clone(), random()?);
         let shared = Rc::new(Shared {
             name,
             store,
-            config,
             transport,
             schedule,
             listeners: Listeners::default(),
-            channel: RefCell::new(None),
-            running: RefCell::new(None),
-            starting: Cell::new(0),
-            ending: Cell::new(false),
-            wake_pending: Cell::new(false),
+            session: RefCell::new(session),
+            config,
+            driving: Cell::new(false),
+            lock: RefCell::new(None),
             timer: RefCell::new(None),
+            waiters: RefCell::new(Vec::new()),
+            handlers: RefCell::new(Handlers::default()),
             closed: Cell::new(None),
-            in_flight: Cell::new(0),
-            renewed: Cell::new(false),
         });
         shared.listen();
-        shared
+        Ok(shared)
+    }
+
+    /// The delivery policy.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     fn listen(self: &Rc<Self>) {
@@ -191,7 +157,7 @@ impl Shared {
                 return;
             };
             if text == WAKE_MESSAGE {
-                this.spawn_wake(WakeReason::Message);
+                this.feed(SessionInput::Wake(WakeReason::Message));
             } else if let Ok(value) = js_sys::JSON::parse(&text) {
                 let name = js_sys::Reflect::get(&value, &"type".into())
                     .ok()
@@ -202,13 +168,16 @@ impl Shared {
             }
         });
         channel.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
-        // The closure lives as long as the page or worker; the channel is closed on `close`.
-        on_message.forget();
-        *self.channel.borrow_mut() = Some(channel);
+        self.handlers.borrow_mut().channel = Some((channel, on_message));
+    }
+
+    /// Keeps a database handler alive until `close()` removes it.
+    pub fn keep_database_handler(&self, handler: Closure<dyn Fn()>) {
+        self.handlers.borrow_mut().database.push(handler);
     }
 
     fn broadcast(&self, message: &str) {
-        if let Some(channel) = self.channel.borrow().as_ref() {
+        if let Some((channel, _)) = self.handlers.borrow().channel.as_ref() {
             // Posting fails only if the channel is closed, and then nobody is listening.
             let _ = channel.post_message(&message.into());
         }
@@ -222,14 +191,14 @@ impl Shared {
         }
     }
 
-    /// Whether a session runs in this context now.
+    /// Whether a session drains in this context now.
     pub fn is_draining(&self) -> bool {
-        self.running.borrow().is_some()
+        self.session.borrow().is_draining()
     }
 
     /// Requests in flight from this context.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.get()
+        self.session.borrow().in_flight()
     }
 
     /// Emits an event to local listeners and to the other contexts.
@@ -243,243 +212,264 @@ impl Shared {
         self.broadcast(&json);
     }
 
-    fn report(&self, error: &Error) {
+    /// Reports a failure to the console and to `error` listeners.
+    pub fn report(&self, error: &Error) {
         let js = js_error(error.code(), &error.to_string());
         web_sys::console::error_2(&"outbox:".into(), &js);
         self.listeners.dispatch("error", &js);
     }
 
-    /// The application renewed the credentials (`wake("auth")`): resume a paused queue, in the
-    /// running session or the next one.
-    pub fn renew_auth(self: &Rc<Self>) -> Option<impl Future<Output = ()> + use<>> {
-        if let Some(mailbox) = self.running.borrow().as_ref() {
-            mailbox.push(Input::AuthRenewed);
-            return None;
-        }
-        self.renewed.set(true);
-        self.wake(WakeReason::Message)
-    }
-
     /// The browser closed the database under us (site data cleared, storage evicted, a backend
     /// failure): nothing works any more, and the application must hear it.
-    pub fn lost_database(&self) {
+    pub fn lost_database(self: &Rc<Self>) {
         if self.closed.get().is_none() {
             self.close("the browser closed the database (site data cleared or storage evicted)");
             self.report(&Error::Closed("the browser closed the database"));
         }
     }
 
-    /// Something happened that may make ops deliverable. Returns a future that ends when the
-    /// session this wake started (if any) ends.
-    pub fn wake(self: &Rc<Self>, reason: WakeReason) -> Option<impl Future<Output = ()> + use<>> {
-        if self.closed.get().is_some() {
-            return None;
+    /// Hands an input to the session and makes sure something performs what follows.
+    pub fn feed(self: &Rc<Self>, input: SessionInput) {
+        if self.closed.get().is_some() && input != SessionInput::Close {
+            return;
         }
-        if let Some(mailbox) = self.running.borrow().as_ref() {
-            mailbox.push(Input::Wake(reason));
-            return None;
-        }
-        if self.starting.get() > 0 || self.ending.get() {
-            self.wake_pending.set(true);
-            return None;
-        }
-        Some(self.clone().drain(reason, false))
+        self.session.borrow_mut().handle(now(), input);
+        self.kick();
     }
 
-    /// Waits for the lock, then drains everything due. Resolves when the session is idle.
+    /// Something happened that may make ops deliverable. Resolves when the session this wake
+    /// started, if any, has ended.
+    pub fn wake(self: &Rc<Self>, reason: WakeReason) -> JsFuture {
+        let was_idle = self.session.borrow().is_idle();
+        let done = self.wait_for_end(None, !was_idle);
+        self.feed(SessionInput::Wake(reason));
+        done
+    }
+
+    /// The application renewed the credentials (`wake("auth")`): resume a paused queue, in the
+    /// running session or the next one.
+    pub fn renew_auth(self: &Rc<Self>) -> JsFuture {
+        self.session
+            .borrow_mut()
+            .handle(now(), SessionInput::AuthRenewed);
+        self.wake(WakeReason::Message)
+    }
+
+    /// Delivers everything due now; resolves once a session served this flush (waiting for
+    /// another context's to end first, if one drains).
     pub async fn flush(self: Rc<Self>) -> Result<()> {
         self.check_open()?;
-        if let Some(mailbox) = self.running.borrow().as_ref() {
-            mailbox.push(Input::Wake(WakeReason::Flush));
-        }
-        self.clone().drain(WakeReason::Flush, true).await;
+        self.feed(SessionInput::Wake(WakeReason::Flush));
+        let ticket = self.session.borrow().flushes_asked();
+        // Ignored: a waiter is only ever resolved.
+        let _ = self.wait_for_end(Some(ticket), false).await;
         self.check_open()
     }
 
-    async fn drain(self: Rc<Self>, reason: WakeReason, wait: bool) {
-        self.starting.set(self.starting.get() + 1);
-        let lock = format!("outbox-drain:{}", self.name);
-        let this = self.clone();
-        let ran = with_lock(&lock, wait, async move {
-            this.starting.set(this.starting.get() - 1);
-            // This session loads from the store first, which covers every wake so far.
-            this.wake_pending.set(false);
-            let mailbox = Rc::new(Mailbox::default());
-            *this.running.borrow_mut() = Some(mailbox.clone());
-            let outcome = this.session(reason, &mailbox).await;
-            this.stop_taking_inputs();
-            match outcome {
-                // Closing mid-session is not a failure; the store keeps everything.
-                Err(Error::Closed(_)) | Ok(()) => {}
-                Err(error) => this.report(&error),
+    fn wait_for_end(&self, flush: Option<u64>, now: bool) -> JsFuture {
+        let mut resolve = None;
+        let promise = Promise::new(&mut |r, _| resolve = Some(r));
+        if let Some(resolve) = resolve {
+            if now {
+                let _ = resolve.call0(&JsValue::NULL);
+            } else {
+                self.waiters.borrow_mut().push(Waiter { flush, resolve });
             }
-        })
-        .await;
-        if !ran {
-            self.starting.set(self.starting.get() - 1);
-            // Another context drains; make sure it looks at the store again.
-            self.broadcast(WAKE_MESSAGE);
-            self.wake_pending.set(false);
         }
-        self.ending.set(false);
-        if self.wake_pending.take() {
-            self.spawn_wake(WakeReason::Message);
-        }
+        JsFuture::from(promise)
     }
 
-    /// Wakes without waiting for the resulting session (which would also make `drain`
-    /// recursive).
+    /// Wakes without waiting for the session to end.
     pub fn spawn_wake(self: &Rc<Self>, reason: WakeReason) {
-        if let Some(drain) = self.wake(reason) {
-            wasm_bindgen_futures::spawn_local(
-                Box::pin(drain) as std::pin::Pin<Box<dyn Future<Output = ()>>>
-            );
-        }
+        self.feed(SessionInput::Wake(reason));
     }
 
-    async fn session(self: &Rc<Self>, reason: WakeReason, mailbox: &Rc<Mailbox>) -> Result<()> {
-        self.check_open()?;
-        let (breaker, paused, refused) = self.store.read(async |t| t.drainer_state().await).await?;
-        let mut drainer = Drainer::new(self.config.clone(), breaker, paused, random()?);
-        if paused && (self.renewed.take() || self.auth_changed(refused).await) {
-            drainer.handle(now(), Input::AuthRenewed);
+    /// Starts the driving task unless it runs already.
+    fn kick(self: &Rc<Self>) {
+        if self.driving.replace(true) {
+            return;
         }
-        drainer.handle(now(), Input::Wake(reason));
-        // If this context dies mid-send, nothing it planned to arm gets armed: until the session
-        // arms the real next wake, one is due once a send started now would have timed out.
-        self.schedule(Some(now() + 2 * self.config.request_timeout_ms + 1_000));
+        wasm_bindgen_futures::spawn_local(self.clone().drive());
+    }
+
+    /// Performs the session's actions until there is none, then arms the timer it asks for.
+    async fn drive(self: Rc<Self>) {
         loop {
-            while let Some(action) = drainer.poll_action() {
-                self.perform(&mut drainer, action, mailbox).await?;
+            let action = self.session.borrow_mut().poll_action();
+            let Some(action) = action else { break };
+            if let Some(answer) = self.perform(action).await {
+                self.session.borrow_mut().handle(now(), answer);
             }
-            // Inputs that arrived while actions were performed come first: a wake pushed during
-            // the last await must not be dropped by an idle drainer.
-            if let Some(input) = mailbox.take() {
-                drainer.handle(now(), input);
-                continue;
-            }
-            if drainer.is_idle() || self.closed.get().is_some() {
-                break;
-            }
-            let input = mailbox.recv(drainer.next_wake()).await;
-            drainer.handle(now(), input);
         }
-        // Before the last await: from here a wake waits in `wake_pending` and starts a new
-        // session once the lock is released, instead of landing in a mailbox nobody reads.
-        self.stop_taking_inputs();
-        // Callers' keys older than the retention go in small chunks, a few per session, so no
-        // session pays for a backlog at once.
-        let stale = now().saturating_sub(self.config.key_retention_ms);
-        let pending = self.store.write(Durability::Relaxed, async |t| {
-            use crate::core::store::QueueTxn;
-            t.purge_keys(stale, KEY_PURGE_CHUNK).await?;
-            Ok(t.counters().await?.pending)
-        });
-        let pending = pending.await?;
-        self.arm(drainer.next_wake(), pending > 0);
-        Ok(())
+        self.driving.set(false);
+        self.arm_timer();
     }
 
-    /// Whether the auth hook now gives credentials other than those refused (whose checksum,
-    /// `refused`, the send that got the 401 stored). A hook that fails gives none: still paused.
-    async fn auth_changed(&self, refused: Option<u32>) -> bool {
-        match self.transport.credentials().await {
-            Ok(current) => refused != Some(credentials_checksum(&current)),
-            Err(_) => false,
+    fn arm_timer(self: &Rc<Self>) {
+        if self.closed.get().is_some() {
+            return;
         }
-    }
-
-    async fn perform(
-        self: &Rc<Self>,
-        drainer: &mut Drainer,
-        action: Action,
-        mailbox: &Rc<Mailbox>,
-    ) -> Result<()> {
-        match action {
-            Action::Load { due_by, limit } => {
-                let (ops, next_due) = self
-                    .store
-                    .read(async |t| {
-                        use crate::core::store::QueueTxn;
-                        t.due_heads(due_by, limit).await
-                    })
-                    .await?;
-                drainer.handle(now(), Input::Loaded { ops, next_due });
-            }
-            Action::Send(request) => {
-                let vanished = self
-                    .store
-                    .write(Durability::Relaxed, async |t| lease(t, &request.ops).await)
-                    .await?;
-                let (id, mode) = (request.id, request.mode);
-                let ops = request.without(&vanished);
-                if !vanished.is_empty() {
-                    let seqs = vanished;
-                    drainer.handle(now(), Input::Vanished { request: id, seqs });
-                }
-                if ops.is_empty() {
-                    return Ok(());
-                }
-                let this = self.clone();
-                let mailbox = mailbox.clone();
-                self.in_flight.set(self.in_flight.get() + 1);
-                wasm_bindgen_futures::spawn_local(async move {
-                    let sent = this.transport.send(mode, &ops).await;
-                    this.in_flight.set(this.in_flight.get() - 1);
-                    if matches!(sent.reply, Reply::Http { status: 401, .. }) {
-                        // Before the reply is handed over, so a pause is never stored without
-                        // what tells a renewal from the refused credentials.
-                        let checksum = credentials_checksum(&sent.credentials);
-                        let stored = this
-                            .store
-                            .write(Durability::Relaxed, async |t| t.put_refused(checksum))
-                            .await;
-                        if let Err(error) = stored {
-                            this.report(&error);
-                        }
-                    }
-                    mailbox.push(Input::Reply {
-                        request: id,
-                        reply: sent.reply,
-                    });
-                });
-            }
-            Action::Persist(writes) => {
-                let at = now();
-                self.store
-                    .write(Durability::Relaxed, async |t| apply(t, &writes, at).await)
-                    .await?;
-            }
-            Action::Probe => {
-                let this = self.clone();
-                let mailbox = mailbox.clone();
-                wasm_bindgen_futures::spawn_local(async move {
-                    let healthy = this.transport.probe().await;
-                    mailbox.push(Input::ProbeResult { healthy });
-                });
-            }
-            Action::Emit(event) => self.emit(&event),
-        }
-        Ok(())
-    }
-
-    /// Arms the in-memory timer and the durable `schedule` hook for the next wake. While ops are
-    /// pending, something is always armed.
-    fn arm(self: &Rc<Self>, next_wake: Option<Millis>, pending: bool) {
+        let at = self.session.borrow().poll_timeout();
         let weak = Rc::downgrade(self);
-        *self.timer.borrow_mut() = next_wake.map(|at| {
-            let delay = timer_ms(at.saturating_sub(now()));
-            gloo_timers::callback::Timeout::new(delay, move || {
+        *self.timer.borrow_mut() = at.map(|at| {
+            gloo_timers::callback::Timeout::new(timer_ms(at.saturating_sub(now())), move || {
                 if let Some(this) = weak.upgrade() {
-                    this.spawn_wake(WakeReason::Timer);
+                    this.feed(SessionInput::Wake(WakeReason::Timer));
                 }
             })
         });
-        self.schedule(next_wake.or_else(|| pending.then(|| now() + HEARTBEAT_MS)));
+    }
+
+    /// Performs one action; returns its answer if it has one now.
+    async fn perform(self: &Rc<Self>, action: SessionAction) -> Option<SessionInput> {
+        match action {
+            SessionAction::AcquireLock { wait } => {
+                // In a task of its own: waiting for another context must not stop this one from
+                // telling the holder about new wakes.
+                let this = self.clone();
+                wasm_bindgen_futures::spawn_local(async move {
+                    let lock = format!("outbox-drain:{}", this.name);
+                    let answer = match acquire_lock(&lock, wait).await {
+                        LockGrant::Held(release) => {
+                            *this.lock.borrow_mut() = Some(release);
+                            SessionInput::LockAcquired
+                        }
+                        LockGrant::Busy => SessionInput::LockBusy,
+                        LockGrant::Unavailable => SessionInput::NoLocks,
+                    };
+                    if this.closed.get().is_some() {
+                        this.release_lock();
+                    }
+                    this.feed(answer);
+                });
+                None
+            }
+            SessionAction::ReleaseLock => {
+                self.release_lock();
+                None
+            }
+            SessionAction::Broadcast => {
+                self.broadcast(WAKE_MESSAGE);
+                None
+            }
+            SessionAction::ReadState => {
+                let state = self.store.read(async |t| t.drainer_state().await).await;
+                Some(self.answer(
+                    state.map(|(breaker, paused, refused)| SessionInput::StateRead {
+                        breaker,
+                        paused,
+                        refused,
+                    }),
+                ))
+            }
+            SessionAction::CheckCredentials => {
+                let checksum = match self.transport.credentials().await {
+                    Ok(fingerprint) => Some(credentials_checksum(fingerprint.as_deref())),
+                    Err(_) => None,
+                };
+                Some(SessionInput::CredentialsChecked { checksum })
+            }
+            SessionAction::Load { due_by, limit } => {
+                let loaded = self
+                    .store
+                    .read(async |t| t.due_heads(due_by, limit).await)
+                    .await;
+                Some(
+                    self.answer(
+                        loaded.map(|(ops, next_due)| SessionInput::Loaded { ops, next_due }),
+                    ),
+                )
+            }
+            SessionAction::Lease(request) => {
+                let vanished = self
+                    .store
+                    .write(Durability::Relaxed, async |t| lease(t, &request.ops).await)
+                    .await;
+                Some(self.answer(vanished.map(|vanished| SessionInput::Leased {
+                    request: request.id,
+                    vanished,
+                })))
+            }
+            SessionAction::Send { request, mode, ops } => {
+                let this = self.clone();
+                wasm_bindgen_futures::spawn_local(async move {
+                    let sent = this.transport.send(mode, &ops).await;
+                    this.feed(SessionInput::Reply {
+                        request,
+                        reply: sent.reply,
+                        credentials: Some(credentials_checksum(sent.credentials.as_deref())),
+                    });
+                });
+                None
+            }
+            SessionAction::Probe => {
+                let this = self.clone();
+                wasm_bindgen_futures::spawn_local(async move {
+                    let healthy = this.transport.probe().await;
+                    this.feed(SessionInput::ProbeResult { healthy });
+                });
+                None
+            }
+            SessionAction::Persist(writes) => {
+                let at = now();
+                let stale = self
+                    .store
+                    .write(Durability::Relaxed, async |t| apply(t, &writes, at).await)
+                    .await;
+                Some(self.answer(stale.map(|stale| SessionInput::Persisted { stale })))
+            }
+            SessionAction::Emit(event) => {
+                self.emit(&event);
+                None
+            }
+            SessionAction::Schedule(at) => {
+                self.call_schedule(at);
+                None
+            }
+            SessionAction::Finish { keys_before, limit } => {
+                let pending = self
+                    .store
+                    .write(Durability::Relaxed, async |t| {
+                        t.purge_keys(keys_before, limit).await?;
+                        Ok(t.counters().await?.pending)
+                    })
+                    .await;
+                Some(self.answer(pending.map(|pending| SessionInput::Finished { pending })))
+            }
+            SessionAction::Ended { flushes } => {
+                self.waiters.borrow_mut().retain(|waiter| {
+                    let served = waiter.flush.is_none_or(|ticket| ticket <= flushes);
+                    if served {
+                        let _ = waiter.resolve.call0(&JsValue::NULL);
+                    }
+                    !served
+                });
+                None
+            }
+        }
+    }
+
+    /// A store transaction's outcome as the session's input: a failure ends the session (and is
+    /// reported, unless it is the outbox being closed).
+    fn answer(&self, outcome: Result<SessionInput>) -> SessionInput {
+        match outcome {
+            Ok(input) => input,
+            Err(Error::Closed(_)) => SessionInput::Failed,
+            Err(error) => {
+                self.report(&error);
+                SessionInput::Failed
+            }
+        }
+    }
+
+    fn release_lock(&self) {
+        if let Some(release) = self.lock.borrow_mut().take() {
+            let _ = release.call0(&JsValue::NULL);
+        }
     }
 
     /// Calls the `schedule` hook, which keeps one alarm: `at` replaces whatever was armed.
-    fn schedule(&self, at: Option<Millis>) {
+    fn call_schedule(&self, at: Option<crate::core::Millis>) {
         if let Some(schedule) = &self.schedule {
             let arg = at.map_or(JsValue::NULL, |at| JsValue::from_f64(at as f64));
             if let Err(error) = schedule.call1(&JsValue::NULL, &arg) {
@@ -488,35 +478,23 @@ impl Shared {
         }
     }
 
-    fn stop_taking_inputs(&self) {
-        *self.running.borrow_mut() = None;
-        self.ending.set(true);
-    }
-
-    /// Stops everything: no more sessions, timers or broadcasts; the connection closes once
-    /// running transactions end. Requests in flight are abandoned; their leases bring them back.
-    pub fn close(&self, why: &'static str) {
+    /// Stops everything: no more sessions, timers or broadcasts, no handler left on the
+    /// browser's objects; the connection closes once running transactions end. Requests in
+    /// flight are abandoned; their leases bring them back.
+    pub fn close(self: &Rc<Self>, why: &'static str) {
         if self.closed.get().is_some() {
             return;
         }
+        self.feed(SessionInput::Close);
         self.closed.set(Some(why));
         self.timer.borrow_mut().take();
-        if let Some(mailbox) = self.running.borrow().as_ref() {
-            mailbox.push(Input::Wake(WakeReason::Message));
-        }
-        if let Some(channel) = self.channel.borrow_mut().take() {
+        let handlers = std::mem::take(&mut *self.handlers.borrow_mut());
+        if let Some((channel, _on_message)) = handlers.channel {
+            channel.set_onmessage(None);
             channel.close();
         }
+        self.store.clear_handlers();
+        drop(handlers.database);
         self.store.close();
     }
-}
-
-/// A 32-bit FNV-1a checksum of the credentials a request carried, stored when they are refused.
-/// It tells whether later credentials differ and cannot give a token back: secrets never reach
-/// the store, but a paused queue must know after a restart whether to try again.
-pub fn credentials_checksum(credentials: &Option<String>) -> u32 {
-    let text = credentials.as_deref().unwrap_or("");
-    text.bytes().fold(0x811c_9dc5, |hash, byte| {
-        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
-    })
 }

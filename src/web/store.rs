@@ -112,6 +112,12 @@ impl Store {
         self.db.close();
     }
 
+    /// Removes the `versionchange` and `close` handlers set on the connection.
+    pub fn clear_handlers(&self) {
+        self.db.set_onversionchange(None);
+        self.db.set_onclose(None);
+    }
+
     /// Runs `body` in one read-write transaction over every store and commits it. If `body`
     /// fails, nothing it wrote is kept.
     pub async fn write<R>(
@@ -238,11 +244,6 @@ impl IdbTxn {
             paused.unwrap_or(false),
             refused,
         ))
-    }
-
-    /// Stores the checksum of refused credentials (see `session::credentials_checksum`).
-    pub fn put_refused(&mut self, checksum: u32) -> Result<()> {
-        Self::put(&self.meta, &encode(&checksum)?.into(), Some(META_REFUSED))
     }
 
     /// Everything `stats()` shows, read in one round.
@@ -453,6 +454,10 @@ impl QueueTxn for IdbTxn {
 
     async fn put_paused(&mut self, paused: bool) -> Result<()> {
         Self::put(&self.meta, &encode(&paused)?.into(), Some(META_PAUSED))
+    }
+
+    async fn put_refused(&mut self, checksum: u32) -> Result<()> {
+        Self::put(&self.meta, &encode(&checksum)?.into(), Some(META_REFUSED))
     }
 
     async fn get_key(&mut self, key: &str) -> Result<Option<KeyRecord>> {

@@ -25,9 +25,9 @@ use outbox::core::retry_after::format_http_date;
 use outbox::core::store::{self, QueueTxn};
 use outbox::core::wire::{ClientId, encode_request};
 use outbox::core::{
-    Action, Config, ConflictOutcome, Counters, DeadLetter, Draft, Drainer, Event, Input,
-    MemoryStore, Millis, Op, OpId, ParkedConflict, Priority, Receipt, Refusal, Reply, RequestId,
-    Resolution, Rng, SendMode, WakeReason,
+    Config, ConflictOutcome, Counters, DeadLetter, Draft, Event, MemoryStore, Millis, Op, OpId,
+    ParkedConflict, Priority, Receipt, Refusal, Reply, RequestId, Resolution, Rng, SendMode,
+    Session, SessionAction, SessionInput, Strategy, WakeReason, credentials_checksum,
 };
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -846,9 +846,11 @@ impl Ledger {
 // The shell
 // ---------------------------------------------------------------------------------------------
 
-/// A request on its way: sent by the current drainer, not yet answered.
+/// A request on its way: sent by a context's drainer, not yet answered.
 #[derive(Debug, Clone)]
 pub struct Flight {
+    /// The context that sent it.
+    pub context: usize,
     /// The drainer's name for it.
     pub request: RequestId,
     /// Batch or single.
@@ -895,19 +897,48 @@ pub struct Stats {
     pub ghosts_arrived: u64,
     /// Ops that vanished between load and lease.
     pub vanished: u64,
+    /// Writes found stale (another drainer had taken the op over).
+    pub stale: u64,
+    /// Steps during which two sessions drained at once.
+    pub concurrent: u64,
+    /// Store reads of due ops.
+    pub loads: u64,
     /// Retry delays checked.
     pub retries: u64,
     /// Of which raised to a `Retry-After` floor.
     pub floors: u64,
     /// Refused enqueues.
     pub refused: u64,
-    /// Idle checks of `next_wake` made.
+    /// Idle checks of the next wake made.
     pub wake_checks: u64,
+    /// Checks that a draining session with a free slot leaves nothing due unsent.
+    pub progress_checks: u64,
     /// Probes answered.
     pub probes: u64,
     /// Events by name.
     pub events: BTreeMap<&'static str, u64>,
 }
+
+/// The drain lock, as Web Locks give it: one holder, others wait or give up; unless it is
+/// `broken`, when every request is granted (a lock lost with a worker that still runs, or granted
+/// to a new worker while the old one finishes).
+#[derive(Debug, Clone, Default)]
+pub struct Lock {
+    /// Who holds it.
+    pub holders: Vec<usize>,
+    /// Who waits for it, in order.
+    pub waiting: VecDeque<usize>,
+    /// Whether it grants everyone.
+    pub broken: bool,
+    /// It was broken since every session was last idle: drainers may still know different
+    /// things.
+    pub was_broken: bool,
+}
+
+/// The contexts of the main extension in the simulation: the background and a popup.
+pub const BACKGROUND: usize = 0;
+/// The popup: a second context with a session of its own on the same store.
+pub const POPUP: usize = 1;
 
 /// The shell, the store, the network and the server, on one fake clock.
 pub struct Sim {
@@ -917,13 +948,15 @@ pub struct Sim {
     pub config: Config,
     /// The persisted state: the only thing a restart keeps.
     pub store: MemoryStore,
-    /// The core.
-    pub drainer: Drainer,
+    /// One session per context ([`BACKGROUND`], [`POPUP`]).
+    pub sessions: Vec<Session>,
+    /// The drain lock.
+    pub lock: Lock,
     /// The backend.
     pub server: Server,
     /// This client's id.
     pub client: ClientId,
-    /// Requests of the current drainer in flight, in the order sent.
+    /// Requests in flight, of every context, in the order sent.
     pub flights: Vec<Flight>,
     /// Abandoned copies still in the network.
     pub ghosts: Vec<Ghost>,
@@ -943,6 +976,8 @@ pub struct Sim {
     pub rng: Rng,
     /// An op was enqueued in another context and its message has not woken the drainer yet.
     pub unannounced: bool,
+    /// Inputs waiting to be fed to a context, in order.
+    pending: VecDeque<(usize, SessionInput)>,
     seed: u64,
     trace: VecDeque<String>,
     /// Keep at most this many trace lines.
@@ -965,35 +1000,52 @@ fn snapshot(store: &MemoryStore) -> Snapshot {
     )
 }
 
-/// `min(cap, base * 2^attempt)`, computed independently of the core.
-pub fn backoff_ceiling(config: &Config, attempt: u32) -> Millis {
-    assert_eq!(config.backoff.factor, 2.0, "the harness checks factor 2");
-    let grown = if attempt >= 63 {
-        u64::MAX
-    } else {
-        config.backoff.base_ms.saturating_mul(1 << attempt)
+/// The range of a retry delay after `attempt` attempts, computed independently of the core
+/// from the configuration (`previous` is the op's last delay, for `decorrelated`).
+pub fn backoff_range(config: &Config, attempt: u32, previous: Option<Millis>) -> (Millis, Millis) {
+    let b = &config.backoff;
+    assert_eq!(b.factor, 2.0, "the harness checks factor 2");
+    let doubled = |exponent: u32| -> Millis {
+        if exponent >= 63 {
+            b.cap_ms
+        } else {
+            b.base_ms.saturating_mul(1 << exponent).min(b.cap_ms)
+        }
     };
-    grown.min(config.backoff.cap_ms)
+    match b.strategy {
+        Strategy::Proportional => {
+            let nominal = doubled(attempt.saturating_sub(1));
+            let spread = (nominal as f64 * b.jitter) as Millis;
+            (nominal - spread, nominal + spread)
+        }
+        Strategy::Full => (0, doubled(attempt)),
+        Strategy::Decorrelated => {
+            let previous = previous.unwrap_or(b.base_ms).max(b.base_ms);
+            (
+                b.base_ms,
+                previous.saturating_mul(3).min(b.cap_ms).max(b.base_ms),
+            )
+        }
+    }
 }
 
 impl Sim {
-    /// A fresh client at [`EPOCH`], started (woken with [`WakeReason::Start`]).
+    /// A fresh client at [`EPOCH`] with a background and a popup context; the background is
+    /// started (woken with [`WakeReason::Start`]).
     pub fn new(config: Config, seed: u64) -> Sim {
         config.validate().expect("a valid config");
         let mut rng = Rng::from_u64(seed);
         let client = OpId::from_random_bytes(rng.bytes16());
-        let store = MemoryStore::default();
-        let drainer = Drainer::new(
-            config.clone(),
-            store.breaker,
-            store.paused,
-            seed32(&mut rng),
-        );
+        let sessions = vec![
+            Session::new(config.clone(), seed32(&mut rng)),
+            Session::new(config.clone(), seed32(&mut rng)),
+        ];
         let mut sim = Sim {
             now: EPOCH,
             config,
-            store,
-            drainer,
+            store: MemoryStore::default(),
+            sessions,
+            lock: Lock::default(),
             server: Server::default(),
             client,
             flights: Vec::new(),
@@ -1006,6 +1058,7 @@ impl Sim {
             stats: Stats::default(),
             rng,
             unannounced: false,
+            pending: VecDeque::new(),
             seed,
             trace: VecDeque::new(),
             trace_len: 60,
@@ -1033,17 +1086,30 @@ impl Sim {
         for line in &self.trace {
             let _ = writeln!(text, "  {line}");
         }
+        for (i, session) in self.sessions.iter().enumerate() {
+            let _ = writeln!(
+                text,
+                "context {i}: idle {} draining {} lock {} timeout {:?}",
+                session.is_idle(),
+                session.is_draining(),
+                session.holds_lock(),
+                session.poll_timeout().map(|t| t as i128 - EPOCH as i128),
+            );
+        }
         let _ = writeln!(
             text,
-            "now {} drainer idle {} paused {} breaker {:?} next_wake {:?} flights {:?}",
+            "now {} paused {} breaker {:?} lock {:?} flights {:?}",
             self.now - EPOCH,
-            self.drainer.is_idle(),
-            self.drainer.is_paused(),
-            self.drainer.breaker(),
-            self.drainer.next_wake().map(|t| t as i128 - EPOCH as i128),
+            self.store.paused,
+            self.store.breaker,
+            self.lock,
             self.flights
                 .iter()
-                .map(|f| (f.request, f.ops.iter().map(|o| o.seq).collect::<Vec<_>>()))
+                .map(|f| (
+                    f.context,
+                    f.request,
+                    f.ops.iter().map(|o| o.seq).collect::<Vec<_>>()
+                ))
                 .collect::<Vec<_>>(),
         );
         for op in self.store.ops() {
@@ -1082,68 +1148,183 @@ impl Sim {
 
     // --- driving the core ---------------------------------------------------------------------
 
-    /// Feeds one input and performs every action that follows.
-    pub fn input(&mut self, input: Input) {
-        self.drainer.handle(self.now, input);
+    /// The background's running drainer, if a session runs there.
+    pub fn drainer(&self) -> Option<&outbox::core::Drainer> {
+        self.sessions[BACKGROUND].drainer()
+    }
+
+    /// The earliest time any context wants to be woken.
+    pub fn next_wake(&self) -> Option<Millis> {
+        self.sessions.iter().filter_map(Session::poll_timeout).min()
+    }
+
+    /// Feeds one input to a context and performs everything that follows, in every context.
+    pub fn input_to(&mut self, context: usize, input: SessionInput) {
+        self.pending.push_back((context, input));
         self.drive();
     }
 
-    /// Wakes the drainer.
-    pub fn wake(&mut self, reason: WakeReason) {
-        // Any wake makes the drainer look at the store again.
-        self.unannounced = false;
-        self.note(|| format!("wake {reason:?}"));
-        self.input(Input::Wake(reason));
+    /// Feeds one input to the background.
+    pub fn input(&mut self, input: SessionInput) {
+        self.input_to(BACKGROUND, input);
     }
 
-    /// Performs actions until there are none, as the shell does.
+    /// Wakes the background.
+    pub fn wake(&mut self, reason: WakeReason) {
+        self.wake_context(BACKGROUND, reason);
+    }
+
+    /// Wakes a context.
+    pub fn wake_context(&mut self, context: usize, reason: WakeReason) {
+        // Any wake of the background makes it look at the store again.
+        if context == BACKGROUND {
+            self.unannounced = false;
+        }
+        self.note(|| format!("wake {context} {reason:?}"));
+        self.input_to(context, SessionInput::Wake(reason));
+    }
+
+    /// Performs every action of every context until none is left, as the shells do; inputs one
+    /// action produces for another context (a broadcast, a lock passed on) queue up in order.
     fn drive(&mut self) {
         let mut guard = 0;
-        while let Some(action) = self.drainer.poll_action() {
+        loop {
             guard += 1;
-            self.ensure(guard < 100_000, || "the drainer never stops acting".into());
-            match action {
-                Action::Load { due_by, limit } => {
-                    let (ops, next_due) =
-                        expect_store(run_now(QueueTxn::due_heads(&mut self.store, due_by, limit)));
-                    self.ensure(ops.len() <= limit, || "due_heads returned too many".into());
-                    self.drainer
-                        .handle(self.now, Input::Loaded { ops, next_due });
-                }
-                Action::Send(request) => self.send(request),
-                Action::Persist(writes) => {
-                    expect_store(run_now(store::apply(&mut self.store, &writes, self.now)));
-                }
-                Action::Probe => {
-                    self.stats.probes += 1;
-                    let healthy = self.server.healthy() && !self.rng.chance(self.rates.probe_fail);
-                    self.note(|| format!("probe: healthy {healthy}"));
-                    self.drainer
-                        .handle(self.now, Input::ProbeResult { healthy });
-                }
-                Action::Emit(event) => self.emit(event),
+            self.ensure(guard < 1_000_000, || {
+                "the sessions never stop acting".into()
+            });
+            if let Some((context, input)) = self.pending.pop_front() {
+                self.sessions[context].handle(self.now, input);
+                continue;
             }
+            let Some((context, action)) = (0..self.sessions.len())
+                .find_map(|c| self.sessions[c].poll_action().map(|a| (c, a)))
+            else {
+                break;
+            };
+            self.perform(context, action);
+        }
+        let draining = self.sessions.iter().filter(|s| s.is_draining()).count();
+        if draining > 1 {
+            self.stats.concurrent += 1;
         }
     }
 
-    fn send(&mut self, request: outbox::core::Request) {
+    fn perform(&mut self, context: usize, action: SessionAction) {
         let now = self.now;
-        // At most one op per entity in flight, within the request and across requests.
-        let mut busy: BTreeSet<&str> = self
-            .flights
-            .iter()
-            .flat_map(|f| f.ops.iter().filter_map(|op| op.entity.as_deref()))
-            .collect();
-        for op in &request.ops {
-            if let Some(entity) = op.entity.as_deref()
-                && !busy.insert(entity)
-            {
-                self.fail(&format!(
-                    "two ops of {entity} in flight at once (seq {} in request {:?})",
-                    op.seq, request.id
-                ));
+        let answer = match action {
+            SessionAction::AcquireLock { wait } => {
+                let free = self.lock.holders.is_empty() || self.lock.broken;
+                if free {
+                    self.lock.holders.push(context);
+                    Some(SessionInput::LockAcquired)
+                } else if wait {
+                    self.lock.waiting.push_back(context);
+                    None
+                } else {
+                    Some(SessionInput::LockBusy)
+                }
             }
+            SessionAction::ReleaseLock => {
+                self.release_lock(context);
+                None
+            }
+            SessionAction::Broadcast => {
+                for other in 0..self.sessions.len() {
+                    if other != context {
+                        if other == BACKGROUND {
+                            self.unannounced = false;
+                        }
+                        self.pending
+                            .push_back((other, SessionInput::Wake(WakeReason::Message)));
+                    }
+                }
+                None
+            }
+            SessionAction::ReadState => {
+                // A session that starts alone from the store's state ends any divergence that
+                // drainers overlapping after a lost lock left behind.
+                let alone = (0..self.sessions.len())
+                    .all(|c| c == context || !self.sessions[c].holds_lock());
+                if alone && !self.lock.broken {
+                    self.lock.was_broken = false;
+                }
+                Some(SessionInput::StateRead {
+                    breaker: self.store.breaker,
+                    paused: self.store.paused,
+                    refused: self.store.refused,
+                })
+            }
+            SessionAction::CheckCredentials => {
+                let credentials = if self.server.auth_ok {
+                    "good"
+                } else {
+                    "expired"
+                };
+                Some(SessionInput::CredentialsChecked {
+                    checksum: Some(credentials_checksum(Some(credentials))),
+                })
+            }
+            SessionAction::Load { due_by, limit } => {
+                self.stats.loads += 1;
+                let (ops, next_due) =
+                    expect_store(run_now(QueueTxn::due_heads(&mut self.store, due_by, limit)));
+                self.ensure(ops.len() <= limit, || "due_heads returned too many".into());
+                Some(SessionInput::Loaded { ops, next_due })
+            }
+            SessionAction::Lease(request) => Some(self.lease(context, request)),
+            SessionAction::Send { request, mode, ops } => {
+                self.send(context, request, mode, ops);
+                None
+            }
+            SessionAction::Probe => {
+                self.stats.probes += 1;
+                let healthy = self.server.healthy() && !self.rng.chance(self.rates.probe_fail);
+                self.note(|| format!("probe {context}: healthy {healthy}"));
+                self.pending
+                    .push_back((context, SessionInput::ProbeResult { healthy }));
+                None
+            }
+            SessionAction::Persist(writes) => {
+                let stale = expect_store(run_now(store::apply(&mut self.store, &writes, now)));
+                self.stats.stale += stale.len() as u64;
+                if !stale.is_empty() {
+                    self.note(|| format!("context {context}: stale writes {stale:?}"));
+                }
+                Some(SessionInput::Persisted { stale })
+            }
+            SessionAction::Emit(event) => {
+                self.emit(event);
+                None
+            }
+            SessionAction::Schedule(_) => None,
+            SessionAction::Finish { keys_before, limit } => {
+                expect_store(run_now(self.store.purge_keys(keys_before, limit)));
+                Some(SessionInput::Finished {
+                    pending: self.store.counters_record().pending,
+                })
+            }
+            SessionAction::Ended { .. } => None,
+        };
+        if let Some(answer) = answer {
+            // A completion goes straight back, before any other input: the shell awaits it.
+            self.sessions[context].handle(now, answer);
         }
+    }
+
+    fn release_lock(&mut self, context: usize) {
+        self.lock.holders.retain(|&c| c != context);
+        self.lock.waiting.retain(|&c| c != context);
+        if self.lock.holders.is_empty()
+            && let Some(next) = self.lock.waiting.pop_front()
+        {
+            self.lock.holders.push(next);
+            self.pending.push_back((next, SessionInput::LockAcquired));
+        }
+    }
+
+    fn lease(&mut self, context: usize, request: outbox::core::Request) -> SessionInput {
+        let now = self.now;
         if request.mode == SendMode::Single && request.ops.len() != 1 {
             self.fail("single mode sent several ops");
         }
@@ -1161,7 +1342,11 @@ impl Sim {
             self.ensure(now < op.created_at + max_age, || {
                 format!("seq {} sent past its max age", op.seq)
             });
-            if let Some(stored) = self.store.ops().find(|s| s.seq == op.seq && s.id == op.id) {
+            if let Some(stored) = self
+                .store
+                .ops()
+                .find(|s| s.seq == op.seq && s.id == op.id && s.attempts + 1 == op.attempts)
+            {
                 self.ensure(stored.next_attempt_at.is_some_and(|t| t <= now), || {
                     format!(
                         "seq {} sent before it was due ({:?}, now {now})",
@@ -1171,28 +1356,45 @@ impl Sim {
             }
         }
         let vanished = expect_store(run_now(store::lease(&mut self.store, &request.ops)));
-        let (id, mode) = (request.id, request.mode);
-        let ops = request.without(&vanished);
         if !vanished.is_empty() {
             self.stats.vanished += vanished.len() as u64;
-            self.note(|| format!("request {id:?}: vanished {vanished:?}"));
-            self.drainer.handle(
-                now,
-                Input::Vanished {
-                    request: id,
-                    seqs: vanished,
-                },
-            );
+            let id = request.id;
+            self.note(|| format!("context {context} request {id:?}: vanished {vanished:?}"));
         }
-        if ops.is_empty() {
-            return;
+        SessionInput::Leased {
+            request: request.id,
+            vanished,
+        }
+    }
+
+    fn send(&mut self, context: usize, request: RequestId, mode: SendMode, ops: Vec<Op>) {
+        let now = self.now;
+        // At most one op per entity in flight from one drainer, within the request and across
+        // its requests. (Two drainers on one store, after a lost lock, may each have one: the
+        // leases and the server's order keep that safe, and the ledger checks the effects.)
+        let mut busy: BTreeSet<&str> = self
+            .flights
+            .iter()
+            .filter(|f| f.context == context)
+            .flat_map(|f| f.ops.iter().filter_map(|op| op.entity.as_deref()))
+            .collect();
+        for op in &ops {
+            if let Some(entity) = op.entity.as_deref()
+                && !busy.insert(entity)
+            {
+                self.fail(&format!(
+                    "two ops of {entity} in flight at once from context {context} (seq {} in \
+                     request {request:?})",
+                    op.seq
+                ));
+            }
         }
         self.stats.sends += 1;
         let body = encode_request(self.client, &ops);
         self.note(|| {
             format!(
-                "send {:?}: {}",
-                id,
+                "send {context} {:?}: {}",
+                request,
                 ops.iter()
                     .map(|o| format!(
                         "seq {} prev {} {:?} {} try {}",
@@ -1204,7 +1406,8 @@ impl Sim {
         });
         self.sent.push((now, ops.clone()));
         self.flights.push(Flight {
-            request: id,
+            context,
+            request,
             mode,
             ops,
             body,
@@ -1263,15 +1466,22 @@ impl Sim {
         result
     }
 
-    /// `enqueue(draft)`: stores the op, then wakes the drainer.
+    /// `enqueue(draft)` in the background: stores the op, then wakes the background.
     pub fn enqueue(&mut self, draft: Draft) -> Result<Receipt, Refusal> {
-        self.enqueue_in(draft, true)
+        self.enqueue_in(draft, Some(BACKGROUND))
     }
 
-    /// `enqueue(draft)` in another context (a popup, a content script): the op is stored, and
-    /// the drainer hears of it only when [`announce`](Self::announce) delivers the message.
+    /// `enqueue(draft)` in the popup: stores the op and wakes the popup's session, which finds
+    /// the lock taken (or takes it) and tells the background.
+    pub fn enqueue_in_popup(&mut self, draft: Draft) -> Result<Receipt, Refusal> {
+        self.enqueue_in(draft, Some(POPUP))
+    }
+
+    /// `enqueue(draft)` in a context without a session (a content script's message handled
+    /// late): the op is stored, and the background hears of it only when
+    /// [`announce`](Self::announce) delivers the message.
     pub fn enqueue_elsewhere(&mut self, draft: Draft) -> Result<Receipt, Refusal> {
-        self.enqueue_in(draft, false)
+        self.enqueue_in(draft, None)
     }
 
     /// The runtime message of an enqueue in another context arrives.
@@ -1280,7 +1490,7 @@ impl Sim {
         self.check();
     }
 
-    fn enqueue_in(&mut self, draft: Draft, here: bool) -> Result<Receipt, Refusal> {
+    fn enqueue_in(&mut self, draft: Draft, context: Option<usize>) -> Result<Receipt, Refusal> {
         let id = self.fresh_id();
         let now = self.now;
         let for_ledger = draft.clone();
@@ -1290,10 +1500,9 @@ impl Sim {
             Ok(receipt) => {
                 let accepted = self.ledger.accept(receipt, for_ledger, None);
                 self.ok(accepted);
-                if here {
-                    self.wake(WakeReason::Enqueued);
-                } else {
-                    self.unannounced = true;
+                match context {
+                    Some(context) => self.wake_context(context, WakeReason::Enqueued),
+                    None => self.unannounced = true,
                 }
             }
             Err(_) => self.stats.refused += 1,
@@ -1380,33 +1589,58 @@ impl Sim {
         }
     }
 
-    /// The auth hook yields working credentials again.
+    /// The auth hook yields working credentials again, and the application says so
+    /// (`wake("auth")`): the glue feeds the renewal and a wake.
     pub fn renew_auth(&mut self) {
         self.server.auth_ok = true;
         self.note(|| "auth renewed".into());
-        self.input(Input::AuthRenewed);
+        self.pending
+            .push_back((BACKGROUND, SessionInput::AuthRenewed));
+        self.input(SessionInput::Wake(WakeReason::Message));
         self.check();
     }
 
-    /// The context dies: the drainer and every request in flight are dropped (copies that had
-    /// not reached the server may still do so later), and a new drainer starts from the store.
+    /// The background dies: its session and every request it had in flight are dropped (copies
+    /// that had not reached the server may still do so later), the browser frees its lock, and
+    /// a new background starts from the store.
     pub fn restart(&mut self) {
+        self.restart_context(BACKGROUND);
+    }
+
+    /// A context dies and starts again.
+    pub fn restart_context(&mut self, context: usize) {
         self.stats.restarts += 1;
-        for flight in std::mem::take(&mut self.flights) {
+        let (mine, others): (Vec<Flight>, Vec<Flight>) = std::mem::take(&mut self.flights)
+            .into_iter()
+            .partition(|f| f.context == context);
+        self.flights = others;
+        for flight in mine {
             if !flight.arrived && self.rng.chance(self.rates.ghost) {
                 self.ghosts.push(ghost_of(&flight));
             }
         }
-        self.note(|| "restart".into());
-        let seed = seed32(&mut self.rng);
-        self.drainer = Drainer::new(
-            self.config.clone(),
-            self.store.breaker,
-            self.store.paused,
-            seed,
-        );
-        self.wake(WakeReason::Start);
+        self.note(|| format!("restart {context}"));
+        self.pending.retain(|(c, _)| *c != context);
+        self.sessions[context] = Session::new(self.config.clone(), seed32(&mut self.rng));
+        self.release_lock(context);
+        self.wake_context(context, WakeReason::Start);
         self.check();
+    }
+
+    /// The lock breaks (every request is granted) or heals.
+    pub fn set_lock_broken(&mut self, broken: bool) {
+        self.note(|| format!("lock broken: {broken}"));
+        self.lock.broken = broken;
+        self.lock.was_broken |= broken;
+        if !broken {
+            return;
+        }
+        // Everyone waiting gets it now.
+        while let Some(next) = self.lock.waiting.pop_front() {
+            self.lock.holders.push(next);
+            self.pending.push_back((next, SessionInput::LockAcquired));
+        }
+        self.drive();
     }
 
     // --- the network and the server -----------------------------------------------------------
@@ -1475,7 +1709,6 @@ impl Sim {
         }
         out
     }
-
     /// The request `i` of [`flights`](Self::flights) reaches the server (or is lost on the way).
     pub fn arrive(&mut self, i: usize) {
         assert!(!self.flights[i].arrived, "a request arrives once");
@@ -1562,8 +1795,8 @@ impl Sim {
             .reply
             .clone()
             .expect("respond to an answered request");
-        self.note(|| format!("reply {:?}", flight.request));
-        self.reply(flight.request, reply, flight.retry_after);
+        self.note(|| format!("reply {} {:?}", flight.context, flight.request));
+        self.reply(&flight, reply);
     }
 
     /// Request `i` reaches the server if it has not yet, and its answer (if any) is read.
@@ -1592,31 +1825,59 @@ impl Sim {
         }
     }
 
-    fn reply(&mut self, request: RequestId, reply: Reply, retry_after: Option<RetryAfter>) {
+    fn reply(&mut self, flight: &Flight, reply: Reply) {
         self.stats.replies += 1;
-        let floor = retry_after
+        let floor = flight
+            .retry_after
             .map(|ra| ra.wait_from(self.now))
             .unwrap_or(0)
             .min(self.config.max_retry_after_ms);
         let mark = self.events.len();
-        self.input(Input::Reply { request, reply });
+        let credentials = if self.server.auth_ok {
+            "good"
+        } else {
+            "expired"
+        };
+        self.input_to(
+            flight.context,
+            SessionInput::Reply {
+                request: flight.request,
+                reply,
+                credentials: Some(credentials_checksum(Some(credentials))),
+            },
+        );
         for i in mark..self.events.len() {
             if let Event::RetryScheduled {
-                delay_ms, attempt, ..
+                id,
+                delay_ms,
+                attempt,
+                ..
             } = self.events[i].1
             {
                 self.stats.retries += 1;
-                let ceiling = backoff_ceiling(&self.config, attempt);
+                let previous = flight
+                    .ops
+                    .iter()
+                    .find(|op| op.id == id)
+                    .and_then(|op| op.last_delay_ms);
+                let soon = backoff_range(&self.config, 1, None);
+                let (low, high) = backoff_range(&self.config, attempt, previous);
+                let in_range = |d: Millis, (l, h): (Millis, Millis)| d >= l && d <= h;
                 self.ensure(delay_ms >= floor, || {
                     format!("retry delay {delay_ms} ms is below the Retry-After floor {floor} ms")
                 });
-                self.ensure(delay_ms <= ceiling || delay_ms == floor, || {
-                    format!(
-                        "retry delay {delay_ms} ms after attempt {attempt} is outside [0, {ceiling}] \
-                         and is not the floor {floor}"
-                    )
-                });
-                if delay_ms > ceiling {
+                self.ensure(
+                    in_range(delay_ms, (low, high))
+                        || in_range(delay_ms, soon)
+                        || delay_ms == floor,
+                    || {
+                        format!(
+                            "retry delay {delay_ms} ms after attempt {attempt} is outside \
+                             [{low}, {high}] and is not the floor {floor}"
+                        )
+                    },
+                );
+                if delay_ms > high {
                     self.stats.floors += 1;
                 }
             }
@@ -1669,9 +1930,11 @@ impl Sim {
                 .enumerate()
                 .map(|(i, f)| (self.deadline(f), i))
                 .min();
-            let wake = self.drainer.next_wake();
+            let wake = (0..self.sessions.len())
+                .filter_map(|c| self.sessions[c].poll_timeout().map(|t| (t, c)))
+                .min();
             let fire_timeout = match (timeout, wake) {
-                (Some((t, _)), Some(w)) => t <= w,
+                (Some((t, _)), Some((w, _))) => t <= w,
                 (Some(_), None) => true,
                 (None, _) => false,
             };
@@ -1684,10 +1947,10 @@ impl Sim {
                 self.time_out(i);
             } else {
                 match wake {
-                    Some(w) if w <= target => {
+                    Some((w, context)) if w <= target => {
                         self.now = self.now.max(w);
-                        self.note(|| "timer".into());
-                        self.input(Input::Wake(WakeReason::Timer));
+                        self.note(|| format!("timer {context}"));
+                        self.input_to(context, SessionInput::Wake(WakeReason::Timer));
                     }
                     _ => break,
                 }
@@ -1702,9 +1965,9 @@ impl Sim {
         self.advance_to(self.now + ms);
     }
 
-    /// Moves the clock to the drainer's next wake-up, if it has one.
+    /// Moves the clock to the next wake-up of any context, if there is one.
     pub fn advance_to_next_wake(&mut self) -> bool {
-        match self.drainer.next_wake() {
+        match self.next_wake() {
             Some(t) => {
                 self.advance_to(t.max(self.now));
                 true
@@ -1719,14 +1982,20 @@ impl Sim {
         if !flight.arrived && self.rng.chance(self.rates.ghost) {
             self.ghosts.push(ghost_of(&flight));
         }
-        self.note(|| format!("timeout {:?}", flight.request));
-        self.reply(
-            flight.request,
-            Reply::Unreachable {
-                reason: "TimeoutError: signal timed out".into(),
-            },
-            None,
-        );
+        self.note(|| format!("timeout {} {:?}", flight.context, flight.request));
+        let reply = Reply::Unreachable {
+            reason: "TimeoutError: signal timed out".into(),
+        };
+        let flight = Flight {
+            retry_after: None,
+            ..flight
+        };
+        self.reply(&flight, reply);
+    }
+
+    /// Whether every context's session is idle.
+    pub fn all_idle(&self) -> bool {
+        self.sessions.iter().all(Session::is_idle)
     }
 
     /// Delivers everything and follows the wake-ups until nothing is left to do, or `rounds`
@@ -1742,11 +2011,11 @@ impl Sim {
                 }
                 continue;
             }
-            if self.drainer.is_idle() && self.drainer.next_wake().is_none() {
+            if self.all_idle() && self.next_wake().is_none() {
                 return true;
             }
             if !self.advance_to_next_wake() {
-                return self.drainer.is_idle();
+                return self.all_idle();
             }
         }
         false
@@ -1758,9 +2027,10 @@ impl Sim {
     pub fn check(&mut self) {
         self.check_store();
         self.check_wake();
-        let wake = self.drainer.next_wake();
+        self.check_progress();
+        let wake = self.next_wake();
         self.ensure(wake.is_none_or(|w| w > self.now), || {
-            format!("next_wake {wake:?} is not in the future (now {})", self.now)
+            format!("next wake {wake:?} is not in the future (now {})", self.now)
         });
     }
 
@@ -1805,11 +2075,61 @@ impl Sim {
         );
     }
 
-    /// `next_wake()` is never later than the earliest due op while the drainer is idle, and an
-    /// idle drainer leaves nothing due unsent (unless paused or the breaker is open).
+    /// Liveness while draining: a session whose drainer has a free request slot leaves no due op
+    /// unsent, unless a pause or an open breaker holds it, its entity has a request in flight, or
+    /// nobody has told the drainer of it yet. (The simulated store answers at once; in the
+    /// browser the bound is one store read.) Only while the lock holds: drainers that overlapped
+    /// after a lost lock each know only what they did until they have all stopped, and the final
+    /// drain checks that nothing is left.
+    pub fn check_progress(&mut self) {
+        let draining = self.sessions.iter().filter(|s| s.is_draining()).count();
+        if draining != 1
+            || self.lock.was_broken
+            || self.unannounced
+            || self.store.paused
+            || !self.store.breaker.is_closed()
+        {
+            return;
+        }
+        let busy: BTreeSet<&str> = self
+            .flights
+            .iter()
+            .flat_map(|f| f.ops.iter().filter_map(|op| op.entity.as_deref()))
+            .collect();
+        for (context, session) in self.sessions.iter().enumerate() {
+            let Some(drainer) = session.drainer() else {
+                continue;
+            };
+            if drainer.in_flight() >= self.config.max_in_flight || drainer.is_paused() {
+                continue;
+            }
+            self.stats.progress_checks += 1;
+            let stuck = self.store.ops().find(|op| {
+                op.next_attempt_at.is_some_and(|t| t <= self.now)
+                    && op.entity.as_deref().is_none_or(|e| !busy.contains(e))
+            });
+            if let Some(op) = stuck {
+                self.fail(&format!(
+                    "seq {} is due since {:?} and context {context} has a free slot, but it \
+                     is not sent",
+                    op.seq,
+                    op.next_attempt_at.map(|t| self.now - t)
+                ));
+            }
+        }
+    }
+
+    /// Liveness while idle: when no context drains, every due op is either not due yet, with a
+    /// wake-up armed no later than it, or held back by a pause or an open breaker. (Not after a
+    /// lost lock until a session has started alone: overlapping drainers may have left timers
+    /// made from what each alone knew.)
     pub fn check_wake(&mut self) {
-        let d = &self.drainer;
-        if !d.is_idle() || d.is_paused() || !d.breaker().is_closed() || self.unannounced {
+        if !self.all_idle()
+            || self.lock.was_broken
+            || self.store.paused
+            || !self.store.breaker.is_closed()
+            || self.unannounced
+        {
             return;
         }
         self.stats.wake_checks += 1;
@@ -1823,13 +2143,13 @@ impl Sim {
         };
         self.ensure(earliest > self.now, || {
             format!(
-                "idle drainer leaves seq {seq}, due at {earliest}, unsent at {}",
+                "idle sessions leave seq {seq}, due at {earliest}, unsent at {}",
                 self.now
             )
         });
-        let wake = self.drainer.next_wake();
+        let wake = self.next_wake();
         self.ensure(wake.is_some_and(|w| w <= earliest), || {
-            format!("next_wake {wake:?} is later than seq {seq}, due at {earliest}")
+            format!("next wake {wake:?} is later than seq {seq}, due at {earliest}")
         });
     }
 
