@@ -741,3 +741,413 @@ pub fn credentials_checksum(credentials: Option<&str>) -> u32 {
             (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::config::BatchConfig;
+    use crate::core::memory::{MemoryStore, run_now};
+    use crate::core::op::{Draft, Priority};
+    use crate::core::store::{self, QueueTxn};
+    use crate::core::wire;
+
+    /// A shell over a [`MemoryStore`] that answers every action at once, except a load it is
+    /// told to hold, and records what it did.
+    struct Shell {
+        store: MemoryStore,
+        session: Session,
+        now: Millis,
+        log: Vec<String>,
+        sent: Vec<(RequestId, Vec<Op>)>,
+        hold_loads: bool,
+        held: Option<(Millis, usize)>,
+        next_id: u8,
+    }
+
+    impl Shell {
+        fn new(config: Config) -> Shell {
+            Shell {
+                store: MemoryStore::default(),
+                session: Session::new(config, [7; 32]),
+                now: 1_000_000,
+                log: Vec::new(),
+                sent: Vec::new(),
+                hold_loads: false,
+                held: None,
+                next_id: 0,
+            }
+        }
+
+        fn enqueue(&mut self, entity: &str) {
+            let draft = Draft {
+                entity: Some(entity.into()),
+                kind: "comment".into(),
+                payload: "{}".into(),
+                base_version: None,
+                priority: Priority::User,
+            };
+            self.next_id = self.next_id.wrapping_add(1);
+            let mut bytes = [self.next_id; 16];
+            bytes[0] = self.store.counters_record().next_seq as u8;
+            bytes[1] = (self.store.counters_record().next_seq >> 8) as u8;
+            let id = crate::core::OpId::from_random_bytes(bytes);
+            let config = self.session.config().clone();
+            run_now(store::enqueue(
+                &mut self.store,
+                &config,
+                draft,
+                id,
+                None,
+                self.now,
+            ))
+            .unwrap();
+        }
+
+        fn input(&mut self, input: Input) {
+            self.session.handle(self.now, input);
+            self.pump();
+        }
+
+        fn count(&self, what: &str) -> usize {
+            self.log.iter().filter(|l| l.as_str() == what).count()
+        }
+
+        /// Performs actions until there is none (or a load is held).
+        fn pump(&mut self) {
+            while let Some(action) = self.session.poll_action() {
+                let answer = match action {
+                    Action::AcquireLock { .. } => Some(Input::LockAcquired),
+                    Action::ReadState => Some(Input::StateRead {
+                        breaker: self.store.breaker,
+                        paused: self.store.paused,
+                        refused: self.store.refused,
+                    }),
+                    Action::CheckCredentials => Some(Input::CredentialsChecked {
+                        checksum: Some(credentials_checksum(Some("new"))),
+                    }),
+                    Action::Load { due_by, limit } => {
+                        self.log.push("load".into());
+                        if self.hold_loads {
+                            self.held = Some((due_by, limit));
+                            None
+                        } else {
+                            let (ops, next_due) =
+                                run_now(self.store.due_heads(due_by, limit)).unwrap();
+                            Some(Input::Loaded { ops, next_due })
+                        }
+                    }
+                    Action::Lease(request) => {
+                        let vanished =
+                            run_now(store::lease(&mut self.store, &request.ops)).unwrap();
+                        Some(Input::Leased {
+                            request: request.id,
+                            vanished,
+                        })
+                    }
+                    Action::Send { request, ops, .. } => {
+                        self.log.push("send".into());
+                        self.sent.push((request, ops));
+                        None
+                    }
+                    Action::Persist(writes) => {
+                        self.log.push("persist".into());
+                        let stale =
+                            run_now(store::apply(&mut self.store, &writes, self.now)).unwrap();
+                        Some(Input::Persisted { stale })
+                    }
+                    Action::Finish { .. } => {
+                        self.log.push("finish".into());
+                        Some(Input::Finished {
+                            pending: self.store.counters_record().pending,
+                        })
+                    }
+                    Action::Schedule(at) => {
+                        self.log
+                            .push(format!("schedule {:?}", at.map(|t| t - self.now)));
+                        None
+                    }
+                    Action::Emit(event) => {
+                        self.log.push(format!("emit {}", event.name()));
+                        None
+                    }
+                    Action::ReleaseLock => {
+                        self.log.push("release".into());
+                        None
+                    }
+                    Action::Broadcast => {
+                        self.log.push("broadcast".into());
+                        None
+                    }
+                    Action::Probe => None,
+                    Action::Ended { .. } => {
+                        self.log.push("ended".into());
+                        None
+                    }
+                };
+                if let Some(answer) = answer {
+                    self.session.handle(self.now, answer);
+                }
+            }
+        }
+
+        fn answer_held_load(&mut self) {
+            let (due_by, limit) = self.held.take().expect("a load is held");
+            let (ops, next_due) = run_now(self.store.due_heads(due_by, limit)).unwrap();
+            self.session
+                .handle(self.now, Input::Loaded { ops, next_due });
+            self.pump();
+        }
+
+        /// Answers the oldest request in flight: every op applied.
+        fn reply_applied(&mut self) -> Input {
+            let (request, ops) = self.sent.remove(0);
+            let results: Vec<String> = ops
+                .iter()
+                .map(|op| format!(r#"{{"id":"{}","status":"applied","version":1}}"#, op.id))
+                .collect();
+            let body = format!(r#"{{"results":[{}]}}"#, results.join(","));
+            assert!(wire::decode_results(&body, &ops).is_ok());
+            Input::Reply {
+                request,
+                reply: Reply::Http {
+                    status: 200,
+                    retry_after: None,
+                    body,
+                },
+                credentials: None,
+            }
+        }
+    }
+
+    fn config() -> Config {
+        Config {
+            batch: BatchConfig {
+                max_ops: 100,
+                ..BatchConfig::default()
+            },
+            max_in_flight: 2,
+            limits: crate::core::config::Limits {
+                max_pending: 1_000_000,
+                max_bytes: 1 << 30,
+                ..Default::default()
+            },
+            ..Config::default()
+        }
+    }
+
+    /// The regression of issue #17: a backlog, a stream of enqueues, each waking the session.
+    /// Replies are taken before the wakes, and the store is read when the window runs out, not
+    /// once per wake.
+    #[test]
+    fn under_a_backlog_and_a_stream_of_enqueues_replies_come_first_and_loads_stay_few() {
+        let mut shell = Shell::new(config());
+        for n in 0..2_000 {
+            shell.enqueue(&format!("e/{n}"));
+        }
+        shell.input(Input::Wake(WakeReason::Start));
+        assert_eq!(shell.count("load"), 1);
+        assert_eq!(shell.sent.len(), 2, "both request slots in use");
+        let mut replies = 0;
+        for round in 0..40 {
+            // Twenty enqueues, each waking the session, while two requests are out.
+            for i in 0..20 {
+                shell.enqueue(&format!("new/{round}/{i}"));
+                shell.input(Input::Wake(WakeReason::Enqueued));
+            }
+            let reply = shell.reply_applied();
+            let before = shell.log.len();
+            shell.input(reply);
+            replies += 1;
+            // The reply's write is the first thing done after it.
+            assert_eq!(
+                shell.log[before],
+                "persist",
+                "round {round}: {:?}",
+                &shell.log[before..]
+            );
+        }
+        let loads = shell.count("load");
+        // A window holds 400 ops and a reply frees 100: about one load per four replies.
+        let compact: Vec<&str> = shell
+            .log
+            .iter()
+            .map(String::as_str)
+            .filter(|l| matches!(*l, "load" | "send"))
+            .collect();
+        // Every read of the store led to a send: the 800 wakes caused none of their own. While
+        // the backlog lasts, a window of 400 ops serves four requests.
+        assert!(
+            !compact.windows(2).any(|w| w == ["load", "load"]) && loads <= replies + 2,
+            "{loads} loads for {replies} replies and 800 wakes: {compact:?}"
+        );
+        let backlog = &compact[..20];
+        assert_eq!(
+            backlog.iter().filter(|l| **l == "load").count(),
+            4,
+            "{backlog:?}"
+        );
+        assert_eq!(shell.count("send"), 2 + replies);
+    }
+
+    #[test]
+    fn inputs_that_come_while_a_load_is_out_wait_and_replies_go_before_wakes() {
+        let mut shell = Shell::new(config());
+        for n in 0..300 {
+            shell.enqueue(&format!("e/{n}"));
+        }
+        shell.input(Input::Wake(WakeReason::Start));
+        assert_eq!(shell.sent.len(), 2);
+        // The next load is held: meanwhile a burst of wakes and a reply arrive.
+        shell.hold_loads = true;
+        let reply = shell.reply_applied();
+        shell.input(reply);
+        let reply = shell.reply_applied();
+        shell.input(reply);
+        assert!(shell.held.is_some(), "the window ran out: a load is out");
+        let mark = shell.log.len();
+        for _ in 0..50 {
+            shell
+                .session
+                .handle(shell.now, Input::Wake(WakeReason::Alarm));
+        }
+        assert!(
+            shell.session.poll_action().is_none(),
+            "nothing while the load is out"
+        );
+        shell.hold_loads = false;
+        shell.answer_held_load();
+        // Fifty wakes came as one: at most one more load after the held one.
+        let loads_after = shell.log[mark..].iter().filter(|l| *l == "load").count();
+        assert!(loads_after <= 1, "{:?}", &shell.log[mark..]);
+    }
+
+    #[test]
+    fn a_busy_lock_makes_a_broadcast_and_a_flush_waits_for_it_telling_the_holder() {
+        let mut session = Session::new(Config::default(), [1; 32]);
+        session.handle(0, Input::Wake(WakeReason::Message));
+        assert_eq!(
+            session.poll_action(),
+            Some(Action::AcquireLock { wait: false })
+        );
+        assert_eq!(session.poll_action(), None, "the lock request blocks");
+        session.handle(0, Input::LockBusy);
+        assert_eq!(session.poll_action(), Some(Action::Broadcast));
+        assert_eq!(session.poll_action(), Some(Action::Ended { flushes: 0 }));
+        assert!(session.is_idle());
+
+        session.handle(1, Input::Wake(WakeReason::Flush));
+        assert_eq!(session.flushes_asked(), 1);
+        assert_eq!(
+            session.poll_action(),
+            Some(Action::AcquireLock { wait: true })
+        );
+        assert_eq!(
+            session.poll_action(),
+            Some(Action::Broadcast),
+            "the holder hears at once"
+        );
+        // While it waits, a new wake is passed on to the holder too.
+        session.handle(2, Input::Wake(WakeReason::Enqueued));
+        assert_eq!(session.poll_action(), Some(Action::Broadcast));
+        assert_eq!(session.poll_action(), None);
+        session.handle(3, Input::LockAcquired);
+        assert_eq!(session.poll_action(), Some(Action::ReadState));
+    }
+
+    #[test]
+    fn a_session_arms_a_lease_long_alarm_first_and_a_heartbeat_when_paused_ops_remain() {
+        let mut shell = Shell::new(Config::default());
+        shell.enqueue("e/1");
+        shell.store.paused = true;
+        shell.store.refused = Some(credentials_checksum(Some("new")));
+        shell.input(Input::Wake(WakeReason::Start));
+        let timeout = Config::default().request_timeout_ms;
+        let lease = format!("schedule {:?}", Some(2 * timeout + SECOND));
+        assert_eq!(shell.log.first(), Some(&lease), "{:?}", shell.log);
+        assert!(shell.sent.is_empty(), "the same credentials stay paused");
+        let heartbeat = format!("schedule {:?}", Some(HEARTBEAT_MS));
+        assert!(shell.log.contains(&heartbeat), "{:?}", shell.log);
+        assert_eq!(shell.log.last().map(String::as_str), Some("ended"));
+        assert_eq!(
+            shell.session.poll_timeout(),
+            None,
+            "paused: only an input resumes"
+        );
+
+        // Credentials other than the refused ones resume it.
+        shell.store.refused = Some(credentials_checksum(Some("old")));
+        shell.input(Input::Wake(WakeReason::Alarm));
+        assert_eq!(shell.sent.len(), 1);
+        assert!(!shell.store.paused);
+    }
+
+    #[test]
+    fn a_401_stores_the_refused_credentials_before_the_pause() {
+        let mut shell = Shell::new(Config::default());
+        shell.enqueue("e/1");
+        shell.input(Input::Wake(WakeReason::Start));
+        let (request, _) = shell.sent.remove(0);
+        let checksum = credentials_checksum(Some("old"));
+        shell.input(Input::Reply {
+            request,
+            reply: Reply::Http {
+                status: 401,
+                retry_after: None,
+                body: String::new(),
+            },
+            credentials: Some(checksum),
+        });
+        assert!(shell.store.paused);
+        assert_eq!(shell.store.refused, Some(checksum));
+        let persists = shell.log.iter().filter(|l| *l == "persist").count();
+        assert!(
+            persists >= 2,
+            "the checksum's write, then the pause: {:?}",
+            shell.log
+        );
+    }
+
+    #[test]
+    fn renewed_credentials_resume_without_asking_the_hook() {
+        let mut shell = Shell::new(Config::default());
+        shell.enqueue("e/1");
+        shell.store.paused = true;
+        shell.store.refused = Some(credentials_checksum(Some("new")));
+        shell.input(Input::AuthRenewed);
+        shell.input(Input::Wake(WakeReason::Message));
+        assert_eq!(shell.sent.len(), 1, "{:?}", shell.log);
+    }
+
+    #[test]
+    fn closing_releases_a_held_lock_and_ends() {
+        let mut shell = Shell::new(Config::default());
+        shell.enqueue("e/1");
+        shell.input(Input::Wake(WakeReason::Start));
+        assert!(shell.session.holds_lock());
+        shell.input(Input::Close);
+        assert_eq!(&shell.log[shell.log.len() - 2..], ["release", "ended"]);
+        shell.input(Input::Wake(WakeReason::Alarm));
+        assert_eq!(
+            shell.log.last().map(String::as_str),
+            Some("ended"),
+            "closed for good"
+        );
+    }
+
+    #[test]
+    fn events_of_stale_writes_are_dropped() {
+        let mut shell = Shell::new(Config::default());
+        shell.enqueue("e/1");
+        shell.input(Input::Wake(WakeReason::Start));
+        // Another drainer finished the op meanwhile.
+        let seq = shell.sent[0].1[0].seq;
+        run_now(shell.store.delete_op(seq)).unwrap();
+        let reply = shell.reply_applied();
+        shell.input(reply);
+        assert!(
+            !shell.log.contains(&"emit delivered".to_owned()),
+            "a finish that found nothing reports nothing: {:?}",
+            shell.log
+        );
+    }
+}
