@@ -10,13 +10,13 @@ SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 export PATH := $(CURDIR)/node_modules/.bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: demo test setup build wasm server native wasm-test e2e lint size bench clean
+.PHONY: demo test setup build wasm server native wasm-test e2e lint types size bench clean
 
 demo: build
 	scripts/demo
 
 test: build
-	$(MAKE) --no-print-directory lint native wasm-test e2e size
+	$(MAKE) --no-print-directory lint types native wasm-test e2e size
 
 setup:
 	scripts/setup
@@ -46,6 +46,10 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --quiet -- -D warnings
 	cargo clippy --all-targets --target wasm32-unknown-unknown --quiet -- -D warnings
+
+# Every API typed: the generated declarations and the glue's, over tests/types/example.ts.
+types:
+	tsc -p tests/types
 
 size:
 	scripts/size-check

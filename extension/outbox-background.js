@@ -27,9 +27,6 @@ const PAGE_METHODS = new Set(['enqueue', 'finalState', 'renewBeacon', 'flush', '
   'deadLetters', 'retryDeadLetter', 'discardDeadLetter', 'conflicts', 'resolveConflict']);
 /** The methods that queue an op, after which a Background Sync is worth registering. */
 const QUEUEING_METHODS = new Set(['enqueue', 'retryDeadLetter', 'resolveConflict', 'finalState']);
-/** Every event `Outbox.on` knows. */
-export const EVENTS = ['delivered', 'retry-scheduled', 'dead-lettered', 'conflict', 'auth-required',
-  'breaker-opened', 'breaker-closed', 'queue-full', 'drained', 'error'];
 /** Events that end an op's life in the queue (a rebased conflict hands it on to a new id). */
 const ENDING = new Set(['delivered', 'dead-lettered', 'conflict']);
 
@@ -68,7 +65,7 @@ export function startOutbox(options) {
   const ready = (async () => {
     await init({ module_or_path: new URL('./pkg/outbox_bg.wasm', import.meta.url) });
     const outbox = await Outbox.open({ ...config, schedule });
-    for (const name of EVENTS) outbox.on(name, (event) => fanOut(name, event));
+    for (const name of Outbox.eventNames()) outbox.on(name, (event) => fanOut(name, event));
     return outbox;
   })();
   const wake = (reason) => ready.then((outbox) => outbox.wake(reason))

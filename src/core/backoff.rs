@@ -18,6 +18,7 @@ use super::time::Millis;
 /// How jitter is applied; see the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(target_arch = "wasm32", derive(tsify::Tsify))]
 pub enum Strategy {
     /// `nominal ± jitter * nominal`.
     #[default]
@@ -31,6 +32,7 @@ pub enum Strategy {
 /// Retry delay parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(target_arch = "wasm32", derive(tsify::Tsify))]
 pub struct Backoff {
     /// How jitter is drawn.
     pub strategy: Strategy,

@@ -16,6 +16,7 @@ use super::time::{MINUTE, Millis, SECOND};
 /// Breaker thresholds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(target_arch = "wasm32", derive(tsify::Tsify))]
 pub struct BreakerConfig {
     /// How many recent calls are remembered (at most 64).
     pub window: u32,

@@ -14,6 +14,7 @@ use super::time::{DAY, MINUTE, Millis, SECOND};
 /// The whole delivery policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(target_arch = "wasm32", derive(tsify::Tsify))]
 pub struct Config {
     /// Retry delays.
     pub backoff: Backoff,
@@ -175,6 +176,7 @@ impl Config {
 /// When to give up on an op.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(target_arch = "wasm32", derive(tsify::Tsify))]
 pub struct RetryLimits {
     /// Server-side failures tolerated before the op becomes a dead letter.
     pub max_attempts: u32,
@@ -185,6 +187,7 @@ pub struct RetryLimits {
 /// How requests are built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(target_arch = "wasm32", derive(tsify::Tsify))]
 pub struct BatchConfig {
     /// Most ops in one request. With `single`, always 1.
     pub max_ops: usize,
@@ -207,6 +210,7 @@ impl Default for BatchConfig {
 /// The shape of requests on the wire (see docs/PROTOCOL.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(target_arch = "wasm32", derive(tsify::Tsify))]
 pub enum SendMode {
     /// `POST /v1/ops` with many ops and a result per op.
     Batch,
@@ -218,6 +222,7 @@ pub enum SendMode {
 /// dropped silently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(target_arch = "wasm32", derive(tsify::Tsify))]
 pub struct Limits {
     /// Most pending ops.
     pub max_pending: u64,
@@ -240,6 +245,7 @@ impl Default for Limits {
 /// What to do when the server reports that an op's `base_version` is stale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(target_arch = "wasm32", derive(tsify::Tsify))]
 pub enum ConflictPolicy {
     /// Drop the op and emit `conflict` with the server's state, so the UI rolls back.
     ServerWins,
@@ -252,6 +258,7 @@ pub enum ConflictPolicy {
 /// Per-kind behaviour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(target_arch = "wasm32", derive(tsify::Tsify))]
 pub struct KindPolicy {
     /// See [`ConflictPolicy`].
     pub conflict: ConflictPolicy,

@@ -8,6 +8,8 @@ use super::time::Millis;
 
 /// A notification for the application's UI.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(target_arch = "wasm32", derive(tsify::Tsify))]
+#[cfg_attr(target_arch = "wasm32", tsify(rename = "OutboxEvent"))]
 #[serde(
     tag = "type",
     rename_all = "kebab-case",
@@ -65,6 +67,7 @@ pub enum Event {
         server_version: Option<u64>,
         /// The server's state, so the UI can roll back or show both sides.
         #[serde(serialize_with = "raw_json")]
+        #[cfg_attr(target_arch = "wasm32", tsify(type = "unknown"))]
         server_state: Option<String>,
         /// For `rebased`: the id of the copy sent against the new version.
         rebased_as: Option<OpId>,
@@ -92,6 +95,7 @@ pub enum Event {
 /// What a conflict policy did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(target_arch = "wasm32", derive(tsify::Tsify))]
 pub enum ConflictOutcome {
     /// `server-wins`: the op was dropped.
     ServerWins,

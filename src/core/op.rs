@@ -96,6 +96,7 @@ impl<'de> Deserialize<'de> for OpId {
 /// How urgently an op matters to the user, which sets how long delivery keeps trying.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(target_arch = "wasm32", derive(tsify::Tsify))]
 pub enum Priority {
     /// The user just did this and watches for it: few attempts, short life.
     #[default]

@@ -74,6 +74,7 @@ pub fn fingerprint(parts: &[&str]) -> u64 {
 /// Why an op became a dead letter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(target_arch = "wasm32", derive(tsify::Tsify))]
 pub enum DeadCause {
     /// The server answered with a final refusal, which it stored under the op's id.
     Rejected,

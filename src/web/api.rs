@@ -15,18 +15,27 @@ use super::session::Shared;
 use super::store::Store;
 use super::transport::Transport;
 use super::views::{
-    BeaconView, BreakerView, ConflictView, DeadLetterView, OpView, ReceiptView, StatsView, to_js,
+    BeaconView, BreakerState, ConflictView, DeadLetterView, QueuedOp, ReceiptView, StatsView, to_js,
 };
 use crate::core::store::{self as queue, CallKey, QueueTxn};
 use crate::core::{
     Breaker, Config, Draft, Event, OpId, Priority, Receipt, Refusal, Resolution, WakeReason,
 };
+use serde::Deserialize;
+use serde_json::value::RawValue;
 
+// The declarations that are not generated from a Rust type: the shell's own options, the event
+// map `on` is typed with, and the names the shell parses by hand. Everything else in
+// `outbox.d.ts` comes from the Rust types themselves (tsify), so it cannot drift from them.
 #[wasm_bindgen(typescript_custom_section)]
 const TYPES: &str = r#"
-/** Options of `Outbox.open`. Every field but `endpoint` is optional. */
-export interface OutboxConfig {
-  /** The backend's base URL, such as `https://api.example.com` (no trailing slash needed). Plain `http://` only to a loopback host, unless `allowInsecureEndpoint`. */
+/** An op's or a client's id: a UUID. */
+export type OpId = string;
+/** A time in milliseconds since the Unix epoch, or a duration in milliseconds. */
+export type Millis = number;
+/** Options of `Outbox.open`: the delivery policy (every field of `Config` is optional) and the shell's own. */
+export interface OutboxConfig extends Config {
+  /** The backend's base URL, such as `https://api.example.com`. Plain `http://` only to a loopback host, unless `allowInsecureEndpoint`. */
   endpoint: string;
   /** Accept a plain `http://` endpoint on a host that is not loopback. Default false. */
   allowInsecureEndpoint?: boolean;
@@ -36,73 +45,32 @@ export interface OutboxConfig {
   auth?: () => Record<string, string> | null | Promise<Record<string, string> | null>;
   /** Called with the time of the next wake-up (ms since epoch), or null for none; map it to chrome.alarms. */
   schedule?: (atMs: number | null) => void;
-  /** Retry delays: full jitter in [0, min(capMs, baseMs * factor^attempts)]. Defaults 100 ms, 2, 30 s. */
-  backoff?: { baseMs?: number; factor?: number; capMs?: number };
-  /** When to give up on `priority: "user"` ops: server failures tolerated, and age. Defaults 8, a day. */
-  user?: { maxAttempts: number; maxAgeMs: number };
-  /** The same for `priority: "background"` ops. Defaults 50, a week. */
-  background?: { maxAttempts: number; maxAgeMs: number };
-  /** The longest Retry-After honoured. Default 10 minutes. */
-  maxRetryAfterMs?: number;
-  /** How long a request (and the auth hook) may take. Default 5 s. */
-  requestTimeoutMs?: number;
-  /** Requests in flight at once. Default 2. */
-  maxInFlight?: number;
-  /** Ops per request (at most 500) and bytes per request; `single` sends one op per request with an Idempotency-Key. */
-  batch?: { maxOps?: number; maxBytes?: number; mode?: "batch" | "single" };
-  /** Queue caps: past them `enqueue` rejects with QUEUE_FULL or OP_TOO_LARGE. */
-  limits?: { maxPending?: number; maxBytes?: number; maxOpBytes?: number };
-  /** The circuit breaker: opens at failureRate of the last `window` calls once `minCalls` were made. */
-  breaker?: { window?: number; minCalls?: number; failureRate?: number; openMs?: number; maxOpenMs?: number };
-  /** The conflict policy of kinds not in `kinds`. Default "server-wins". */
-  defaultConflict?: ConflictPolicy;
-  /** Per-kind conflict policy, and whether a newer op of the kind replaces a queued one. */
-  kinds?: Record<string, { conflict: ConflictPolicy; coalesce?: boolean }>;
-  /** How long a caller's key is remembered. Default a day. */
-  keyRetentionMs?: number;
 }
-export type ConflictPolicy = "server-wins" | "client-wins" | "manual";
-/** What to enqueue. */
-export interface EnqueueRequest {
-  /** What the op changes; ops on one entity are delivered in order. Omit for unordered. */
-  entity?: string | null;
-  kind: string;
-  /** Any JSON-serialisable value. */
-  payload: unknown;
-  /** The entity version last read from the server; the server reports a conflict if another
-   *  client wrote the entity since (this client's own writes never conflict). */
-  baseVersion?: number;
-  priority?: "user" | "background";
-  /** The caller's idempotency key (1 to 200 visible ASCII characters): the same call made again with it, within `keyRetentionMs`, resolves with the first receipt (`replayed: true`) instead of queuing a second op. */
-  key?: string;
-}
-/** Options of the calls that change a dead letter or a conflict. */
+/** Options of the calls that change a dead letter or a conflict: a key makes a repeated call return the first answer. */
 export interface CallOptions { key?: string }
-/** What `enqueue` resolves with: the op's id (its idempotency key), its place in this client's sequence, the queued op it replaced if its kind coalesces, and whether this answers an earlier call with the same key. */
-export interface Receipt { id: string; seq: number; replaced: string | null; replayed: boolean }
-/** What a closing page sends itself: `body` to `url` (which carries a beacon grant for exactly that op). */
-export interface Beacon { url: string; body: string; expiresAt: number }
-/** A queued op as `pending()` lists it. */
-export interface QueuedOp {
-  id: string; seq: number; prev: number; entity: string | null; kind: string; payload: unknown;
-  baseVersion: number | null; priority: "user" | "background"; createdAt: number;
-  attempts: number; failures: number; nextAttemptAt: number | null; lastError: string | null;
-}
-/** An op delivery gave up on; `cause` says which rule. */
-export interface DeadLetter { op: QueuedOp; reason: string; status: number | null; cause: "rejected" | "exhausted" | "expired" | "ambiguous"; at: number }
-/** An op parked by the `manual` policy, with the server's side. */
-export interface Conflict { op: QueuedOp; serverVersion: number | null; serverState: unknown; at: number }
-/** Counts and states for a status UI; `draining` and `inFlight` are this context's. */
-export interface Stats {
-  client: string; pending: number; bytes: number; deadLetters: number; conflicts: number;
-  nextAttemptAt: number | null; paused: boolean; draining: boolean; inFlight: number;
-  breaker: { state: "closed" | "open" | "half-open"; until?: number };
-}
-export type OutboxEventName = "delivered" | "retry-scheduled" | "dead-lettered" | "conflict" | "auth-required"
-  | "breaker-opened" | "breaker-closed" | "queue-full" | "drained" | "error";
 /** Why `wake` is called. `"auth"` says the credentials were renewed: a paused queue resumes. `"online"` and `"flush"` also end an open circuit breaker early. */
 export type WakeReason = "start" | "timer" | "alarm" | "online" | "sync" | "message" | "enqueued" | "flush" | "auth";
+/** The error every failed call rejects with. */
+export interface OutboxError extends Error { name: "OutboxError"; code: OutboxErrorCode }
+/** Every event name `on` takes. */
+export type OutboxEventName = OutboxEvent["type"] | "error";
+/** What a listener of each event gets. */
+export type OutboxEventMap = { [K in OutboxEvent["type"]]: Extract<OutboxEvent, { type: K }> } & { error: OutboxError };
+export interface Outbox {
+  /** Calls `callback(event)` for each event named `name` (in any context of this outbox). */
+  on<K extends OutboxEventName>(name: K, callback: (event: OutboxEventMap[K]) => void): void;
+  /** Removes a listener added with `on`. */
+  off<K extends OutboxEventName>(name: K, callback: (event: OutboxEventMap[K]) => void): void;
+}
 "#;
+
+#[wasm_bindgen]
+extern "C" {
+    /// `{key?}`, the options of the calls that change a dead letter or a conflict (declared in
+    /// the custom section above), as a type, so that the parameter is optional in TypeScript.
+    #[wasm_bindgen(typescript_type = "CallOptions")]
+    pub type CallOptions;
+}
 
 /// The most ops `pending()` lists at once.
 const MAX_LISTED: u32 = 10_000;
@@ -236,7 +204,7 @@ impl Outbox {
                 )));
             }
             let ops = shared.store.read(async |t| t.pending(limit).await).await?;
-            to_js(&ops.iter().map(OpView::from).collect::<Vec<_>>())
+            to_js(&ops.iter().map(QueuedOp::from).collect::<Vec<_>>())
         })
     }
 
@@ -291,16 +259,12 @@ impl Outbox {
     /// Queues a dead letter's op again (see the docs for when it keeps its id). With
     /// `{key}`, a repeated call returns the first call's receipt.
     #[wasm_bindgen(js_name = retryDeadLetter, unchecked_return_type = "Promise<Receipt>")]
-    pub fn retry_dead_letter(
-        &self,
-        id: String,
-        #[wasm_bindgen(unchecked_param_type = "CallOptions")] options: JsValue,
-    ) -> Promise {
+    pub fn retry_dead_letter(&self, id: String, options: Option<CallOptions>) -> Promise {
         let shared = self.shared.clone();
         promise(async move {
             shared.check_open()?;
             let id = parse_id(&id)?;
-            let key = parse_call_options(&options)?;
+            let key = parse_call_options(options.as_ref().map(|o| o.as_ref()))?;
             let fresh = random_id()?;
             let config = shared.config();
             let at = now();
@@ -317,16 +281,12 @@ impl Outbox {
 
     /// Removes a dead letter for good. With `{key}`, a repeated call succeeds again.
     #[wasm_bindgen(js_name = discardDeadLetter, unchecked_return_type = "Promise<void>")]
-    pub fn discard_dead_letter(
-        &self,
-        id: String,
-        #[wasm_bindgen(unchecked_param_type = "CallOptions")] options: JsValue,
-    ) -> Promise {
+    pub fn discard_dead_letter(&self, id: String, options: Option<CallOptions>) -> Promise {
         let shared = self.shared.clone();
         promise(async move {
             shared.check_open()?;
             let id = parse_id(&id)?;
-            let key = parse_call_options(&options)?;
+            let key = parse_call_options(options.as_ref().map(|o| o.as_ref()))?;
             let at = now();
             let key = key.as_deref().map(|key| CallKey { key, now: at });
             shared
@@ -359,13 +319,13 @@ impl Outbox {
         id: String,
         #[wasm_bindgen(unchecked_param_type = "\"keep-mine\" | \"take-theirs\"")]
         resolution: String,
-        #[wasm_bindgen(unchecked_param_type = "CallOptions")] options: JsValue,
+        options: Option<CallOptions>,
     ) -> Promise {
         let shared = self.shared.clone();
         promise(async move {
             shared.check_open()?;
             let id = parse_id(&id)?;
-            let key = parse_call_options(&options)?;
+            let key = parse_call_options(options.as_ref().map(|o| o.as_ref()))?;
             let resolution = match resolution.as_str() {
                 "keep-mine" => Resolution::KeepMine,
                 "take-theirs" => Resolution::TakeTheirs,
@@ -392,7 +352,19 @@ impl Outbox {
         })
     }
 
+    /// Every event name `on` takes, from the one list the core keeps.
+    #[wasm_bindgen(js_name = eventNames, unchecked_return_type = "OutboxEventName[]")]
+    pub fn event_names() -> js_sys::Array {
+        Event::NAMES
+            .iter()
+            .chain(&["error"])
+            .map(|name| JsValue::from_str(name))
+            .collect()
+    }
+
     /// Calls `callback(event)` for each event named `name` (in any context of this outbox).
+    /// (Typed in the custom section, generically by event name.)
+    #[wasm_bindgen(skip_typescript)]
     pub fn on(
         &self,
         #[wasm_bindgen(unchecked_param_type = "OutboxEventName")] name: String,
@@ -404,6 +376,7 @@ impl Outbox {
     }
 
     /// Removes a listener added with `on`.
+    #[wasm_bindgen(skip_typescript)]
     pub fn off(
         &self,
         #[wasm_bindgen(unchecked_param_type = "OutboxEventName")] name: String,
@@ -595,15 +568,15 @@ async fn stats(shared: &Shared) -> Result<JsValue> {
         draining: shared.is_draining(),
         in_flight: shared.in_flight(),
         breaker: match snapshot.breaker {
-            Breaker::Closed { .. } => BreakerView {
+            Breaker::Closed { .. } => BreakerState {
                 state: "closed",
                 until: None,
             },
-            Breaker::Open { until, .. } => BreakerView {
+            Breaker::Open { until, .. } => BreakerState {
                 state: "open",
                 until: Some(until),
             },
-            Breaker::HalfOpen { .. } => BreakerView {
+            Breaker::HalfOpen { .. } => BreakerState {
                 state: "half-open",
                 until: None,
             },
@@ -631,10 +604,10 @@ fn check_event_name(name: &str) -> Result<(), JsValue> {
 }
 
 /// Reads `{key?}`, the options of the calls that change a dead letter or a conflict.
-fn parse_call_options(options: &JsValue) -> Result<Option<String>> {
-    if options.is_undefined() || options.is_null() {
+fn parse_call_options(options: Option<&JsValue>) -> Result<Option<String>> {
+    let Some(options) = options.filter(|o| !o.is_undefined() && !o.is_null()) else {
         return Ok(None);
-    }
+    };
     let bad = || Error::InvalidArgument("options must be {key?: string}".into());
     let object = options.dyn_ref::<Object>().ok_or_else(bad)?;
     let keys = Reflect::own_keys(object).map_err(|_| bad())?;
@@ -647,97 +620,61 @@ fn parse_call_options(options: &JsValue) -> Result<Option<String>> {
     }
 }
 
-/// Reads `{entity?, kind, payload, baseVersion?, priority?, key?}`, strictly: a misspelled field
-/// is an error, not a silently dropped option. Returns the draft and the caller's key.
+/// What `enqueue` takes.
+#[derive(Deserialize, tsify::Tsify)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnqueueRequest {
+    /// What the op changes, such as `"pr/17"`; ops on one entity are delivered in order. Omit
+    /// for an unordered op.
+    #[serde(default)]
+    #[tsify(optional)]
+    entity: Option<String>,
+    /// What the op does, such as `"comment"`; it selects the conflict and coalescing policy.
+    kind: String,
+    /// Any JSON value (use `null` for none).
+    #[tsify(type = "unknown")]
+    payload: Box<RawValue>,
+    /// The entity version last read from the server; the server reports a conflict if another
+    /// client wrote the entity since (this client's own writes never conflict).
+    #[serde(default)]
+    #[tsify(optional)]
+    base_version: Option<u64>,
+    /// How long delivery keeps trying. Default `"user"`.
+    #[serde(default)]
+    #[tsify(optional)]
+    priority: Option<Priority>,
+    /// The caller's idempotency key (1 to 200 visible ASCII characters): the same call made again
+    /// with it, within `keyRetentionMs`, resolves with the first receipt (`replayed: true`)
+    /// instead of queuing a second op.
+    #[serde(default)]
+    #[tsify(optional)]
+    key: Option<String>,
+}
+
+/// Reads an [`EnqueueRequest`], strictly: a misspelled field is an error, not a silently dropped
+/// option. Returns the draft and the caller's key. Through the browser's own `JSON.stringify`,
+/// whose errors are values (a getter that throws, a cycle) and which leaves the payload as the
+/// exact JSON text the op carries.
 fn parse_draft(request: &JsValue) -> Result<(Draft, Option<String>)> {
-    let invalid = |why: String| Error::InvalidOp(why);
-    let Some(object) = request
-        .dyn_ref::<Object>()
-        .filter(|_| !request.is_function() && !js_sys::Array::is_array(request))
-    else {
-        return Err(invalid(
-            "enqueue takes an object {entity?, kind, payload, baseVersion?, priority?, key?}"
-                .into(),
-        ));
-    };
-    let keys = Reflect::own_keys(object)
-        .map_err(|e| invalid(format!("unreadable: {}", JsError::from(e))))?;
-    for key in keys.iter() {
-        let key = key.as_string().unwrap_or_default();
-        if ![
-            "entity",
-            "kind",
-            "payload",
-            "baseVersion",
-            "priority",
-            "key",
-        ]
-        .contains(&key.as_str())
-        {
-            return Err(invalid(format!("unknown field {key:?}")));
-        }
-    }
-    let get = |name: &str| Reflect::get(object, &name.into()).unwrap_or(JsValue::UNDEFINED);
-    let entity = match get("entity") {
-        v if v.is_undefined() || v.is_null() => None,
-        v => Some(
-            v.as_string()
-                .ok_or_else(|| invalid("entity must be a string".into()))?,
-        ),
-    };
-    let kind = get("kind")
+    let text = js_sys::JSON::stringify(request)
+        .map_err(|e| Error::InvalidOp(format!("not JSON: {}", JsError::from(e))))?
         .as_string()
-        .ok_or_else(|| invalid("kind must be a string".into()))?;
-    let payload = get("payload");
-    if payload.is_undefined() {
-        return Err(invalid("payload is required (use null for none)".into()));
-    }
-    let payload = js_sys::JSON::stringify(&payload)
-        .map_err(|e| {
-            invalid(format!(
-                "payload is not JSON: {}",
-                super::error::JsError::from(e)
-            ))
-        })?
-        .as_string()
-        .ok_or_else(|| invalid("payload is not JSON (a function or symbol?)".into()))?;
-    let base_version = match get("baseVersion") {
-        v if v.is_undefined() || v.is_null() => None,
-        v => {
-            let n = v.as_f64().filter(|n| {
-                n.fract() == 0.0 && *n >= 0.0 && *n <= js_sys::Number::MAX_SAFE_INTEGER
-            });
-            Some(
-                n.ok_or_else(|| invalid("baseVersion must be a non-negative integer".into()))?
-                    as u64,
+        .ok_or_else(|| {
+            Error::InvalidOp(
+                "enqueue takes an object {entity?, kind, payload, baseVersion?, priority?, key?}"
+                    .into(),
             )
-        }
-    };
-    let priority = match get("priority").as_string().as_deref() {
-        None if get("priority").is_undefined() => Priority::User,
-        Some("user") => Priority::User,
-        Some("background") => Priority::Background,
-        _ => {
-            return Err(invalid(
-                "priority must be \"user\" or \"background\"".into(),
-            ));
-        }
-    };
-    let key = match get("key") {
-        v if v.is_undefined() || v.is_null() => None,
-        v => Some(
-            v.as_string()
-                .ok_or_else(|| invalid("key must be a string".into()))?,
-        ),
-    };
+        })?;
+    let request: EnqueueRequest =
+        serde_json::from_str(&text).map_err(|e| Error::InvalidOp(e.to_string()))?;
     let draft = Draft {
-        entity,
-        kind,
-        payload,
-        base_version,
-        priority,
+        entity: request.entity,
+        kind: request.kind,
+        payload: request.payload.get().to_owned(),
+        base_version: request.base_version,
+        priority: request.priority.unwrap_or_default(),
     };
-    Ok((draft, key))
+    Ok((draft, request.key))
 }
 
 fn install_panic_hook() {
@@ -747,7 +684,8 @@ fn install_panic_hook() {
         std::panic::set_hook(Box::new(|info| {
             // A panic is a bug; it is reported as an OutboxError like any other failure. With
             // panic=abort the module stops after this, so the report is all that can be done.
-            let error = js_error("PANIC", &format!("outbox panicked: {info}"));
+            let code = super::error::ErrorCode::Panic.as_str();
+            let error = js_error(code, &format!("outbox panicked: {info}"));
             web_sys::console::error_1(&error);
         }));
     });

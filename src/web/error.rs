@@ -76,26 +76,87 @@ pub enum Error {
     Unavailable(String),
 }
 
+/// Every `code` an `OutboxError` may carry, from the wasm API and from the extension glue alike,
+/// so that the TypeScript union (`OutboxErrorCode`) is one list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, tsify::Tsify)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[tsify(rename = "OutboxErrorCode")]
+pub enum ErrorCode {
+    /// `Outbox.open` was given unusable options.
+    InvalidConfig,
+    /// `enqueue` was given a malformed op.
+    InvalidOp,
+    /// Another argument is malformed (an id, a key, an event name, a resolution).
+    InvalidArgument,
+    /// The op is larger than `limits.maxOpBytes`.
+    OpTooLarge,
+    /// The queue is at a cap.
+    QueueFull,
+    /// A caller's key came with another request than the one it first came with.
+    KeyReused,
+    /// No dead letter or conflict has that id.
+    NotFound,
+    /// The outbox was closed, or its database taken over by an upgrade.
+    Closed,
+    /// IndexedDB failed.
+    Storage,
+    /// The global scope lacks something the outbox needs.
+    Unsupported,
+    /// A party the call needs could not be reached (the backend for a grant; from a page, the
+    /// background). Nothing changed; calling again with the same key is safe.
+    Unavailable,
+    /// From the extension glue: the sender may not make this call (docs/SECURITY.md).
+    Forbidden,
+    /// A bug: the module panicked.
+    Panic,
+}
+
+impl ErrorCode {
+    /// The code as JavaScript sees it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidConfig => "INVALID_CONFIG",
+            ErrorCode::InvalidOp => "INVALID_OP",
+            ErrorCode::InvalidArgument => "INVALID_ARGUMENT",
+            ErrorCode::OpTooLarge => "OP_TOO_LARGE",
+            ErrorCode::QueueFull => "QUEUE_FULL",
+            ErrorCode::KeyReused => "KEY_REUSED",
+            ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::Closed => "CLOSED",
+            ErrorCode::Storage => "STORAGE",
+            ErrorCode::Unsupported => "UNSUPPORTED",
+            ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::Forbidden => "FORBIDDEN",
+            ErrorCode::Panic => "PANIC",
+        }
+    }
+}
+
 /// The shell's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// The stable code JavaScript sees.
     pub fn code(&self) -> &'static str {
+        self.kind().as_str()
+    }
+
+    /// The code, as the enum the TypeScript union is made from.
+    pub fn kind(&self) -> ErrorCode {
         match self {
-            Error::InvalidConfig(_) => "INVALID_CONFIG",
-            Error::InvalidOp(_) | Error::Refused(Refusal::InvalidOp(_)) => "INVALID_OP",
-            Error::Refused(Refusal::OpTooLarge { .. }) => "OP_TOO_LARGE",
-            Error::Refused(Refusal::QueueFull { .. }) => "QUEUE_FULL",
+            Error::InvalidConfig(_) => ErrorCode::InvalidConfig,
+            Error::InvalidOp(_) | Error::Refused(Refusal::InvalidOp(_)) => ErrorCode::InvalidOp,
+            Error::Refused(Refusal::OpTooLarge { .. }) => ErrorCode::OpTooLarge,
+            Error::Refused(Refusal::QueueFull { .. }) => ErrorCode::QueueFull,
             Error::InvalidArgument(_) | Error::Refused(Refusal::InvalidKey(_)) => {
-                "INVALID_ARGUMENT"
+                ErrorCode::InvalidArgument
             }
-            Error::Refused(Refusal::KeyReused(_)) => "KEY_REUSED",
-            Error::Refused(Refusal::NotFound(_)) => "NOT_FOUND",
-            Error::Closed(_) => "CLOSED",
-            Error::Storage(_) => "STORAGE",
-            Error::Unsupported(_) => "UNSUPPORTED",
-            Error::Unavailable(_) => "UNAVAILABLE",
+            Error::Refused(Refusal::KeyReused(_)) => ErrorCode::KeyReused,
+            Error::Refused(Refusal::NotFound(_)) => ErrorCode::NotFound,
+            Error::Closed(_) => ErrorCode::Closed,
+            Error::Storage(_) => ErrorCode::Storage,
+            Error::Unsupported(_) => ErrorCode::Unsupported,
+            Error::Unavailable(_) => ErrorCode::Unavailable,
         }
     }
 

@@ -10,28 +10,42 @@ use wasm_bindgen::JsValue;
 use super::error::{Error, JsError, Result};
 use crate::core::{DeadCause, DeadLetter, Millis, Op, OpId, ParkedConflict, Priority, Receipt};
 
-/// An op as the API shows it.
-#[derive(Serialize)]
+/// A queued op as `pending()` lists it.
+#[derive(Serialize, tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
-pub struct OpView<'a> {
+pub struct QueuedOp<'a> {
+    /// The op's id, its idempotency key.
     id: OpId,
+    /// Its place in this client's sequence.
     seq: u64,
+    /// The `seq` of this client's previous op on its entity still pending when it was made.
     prev: u64,
+    /// What it changes; `null` for unordered ops.
     entity: &'a Option<String>,
+    /// What it does.
     kind: &'a str,
+    /// Its body, as it was enqueued.
+    #[tsify(type = "unknown")]
     payload: Option<&'a RawValue>,
+    /// The entity version it was made against.
     base_version: Option<u64>,
+    /// How long delivery keeps trying.
     priority: Priority,
+    /// When it was enqueued.
     created_at: Millis,
+    /// Requests that carried it.
     attempts: u32,
+    /// Attempts the server failed.
     failures: u32,
+    /// When it may be sent next; `null` while an earlier op on its entity is pending.
     next_attempt_at: Option<Millis>,
+    /// Why the last attempt failed.
     last_error: &'a Option<String>,
 }
 
-impl<'a> From<&'a Op> for OpView<'a> {
+impl<'a> From<&'a Op> for QueuedOp<'a> {
     fn from(op: &'a Op) -> Self {
-        OpView {
+        QueuedOp {
             id: op.id,
             seq: op.seq,
             prev: op.prev,
@@ -50,14 +64,20 @@ impl<'a> From<&'a Op> for OpView<'a> {
     }
 }
 
-/// A dead letter as the API shows it.
-#[derive(Serialize)]
+/// An op delivery gave up on; `cause` says which rule.
+#[derive(Serialize, tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
+#[tsify(rename = "DeadLetter")]
 pub struct DeadLetterView<'a> {
-    op: OpView<'a>,
+    /// The op as it was last sent.
+    op: QueuedOp<'a>,
+    /// Why, in words for the user.
     reason: &'a str,
+    /// The HTTP status of the final answer, if there was one.
     status: Option<u16>,
+    /// Which rule gave up.
     cause: DeadCause,
+    /// When.
     at: Millis,
 }
 
@@ -73,13 +93,19 @@ impl<'a> From<&'a DeadLetter> for DeadLetterView<'a> {
     }
 }
 
-/// A parked conflict as the API shows it: both sides, for a side-by-side UI.
-#[derive(Serialize)]
+/// An op parked by the `manual` policy, with the server's side, for a side-by-side UI.
+#[derive(Serialize, tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
+#[tsify(rename = "Conflict")]
 pub struct ConflictView<'a> {
-    op: OpView<'a>,
+    /// The op that conflicted.
+    op: QueuedOp<'a>,
+    /// The server's version when it refused.
     server_version: Option<u64>,
+    /// The server's state when it refused.
+    #[tsify(type = "unknown")]
     server_state: Option<&'a RawValue>,
+    /// When.
     at: Millis,
 }
 
@@ -97,12 +123,17 @@ impl<'a> From<&'a ParkedConflict> for ConflictView<'a> {
     }
 }
 
-/// A receipt as the API shows it.
-#[derive(Serialize)]
+/// What `enqueue` resolves with once the op is on disk.
+#[derive(Serialize, tsify::Tsify)]
+#[tsify(rename = "Receipt")]
 pub struct ReceiptView {
+    /// The op's id, its idempotency key.
     id: OpId,
+    /// Its place in this client's sequence.
     seq: u64,
+    /// The queued op it replaced, when its kind coalesces.
     replaced: Option<OpId>,
+    /// Whether this answers an earlier call with the same key (nothing new was queued).
     replayed: bool,
 }
 
@@ -117,9 +148,11 @@ impl From<&Receipt> for ReceiptView {
     }
 }
 
-/// `beacon()` as the API shows it.
-#[derive(Serialize)]
+/// What a closing page sends itself: `body` to `url`, which carries a beacon grant for exactly
+/// that op until `expiresAt`.
+#[derive(Serialize, tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
+#[tsify(rename = "Beacon")]
 pub struct BeaconView {
     /// `/v1/beacon?grant=…`.
     pub url: String,
@@ -129,9 +162,10 @@ pub struct BeaconView {
     pub expires_at: Millis,
 }
 
-/// `stats()` as the API shows it.
-#[derive(Serialize)]
+/// Counts and states for a status UI; `draining` and `inFlight` are this context's.
+#[derive(Serialize, tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
+#[tsify(rename = "Stats")]
 pub struct StatsView {
     /// The client id.
     pub client: Option<String>,
@@ -152,16 +186,18 @@ pub struct StatsView {
     /// Requests in flight from this context.
     pub in_flight: usize,
     /// The circuit breaker.
-    pub breaker: BreakerView,
+    pub breaker: BreakerState,
 }
 
 /// The breaker as `stats()` shows it.
-#[derive(Serialize)]
-pub struct BreakerView {
+#[derive(Serialize, tsify::Tsify)]
+pub struct BreakerState {
     /// `closed`, `open` or `half-open`.
+    #[tsify(type = "\"closed\" | \"open\" | \"half-open\"")]
     pub state: &'static str,
     /// When an open breaker probes.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[tsify(optional)]
     pub until: Option<Millis>,
 }
 

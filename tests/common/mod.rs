@@ -418,8 +418,7 @@ async fn dead_letter_on_422_does_not_block_its_entity() {
     );
 
     // Retrying a rejected op sends a copy with a new id (the old id's answer is stored).
-    let retry =
-        ok(outbox.retry_dead_letter(bad["id"].as_str().unwrap().into(), JsValue::UNDEFINED)).await;
+    let retry = ok(outbox.retry_dead_letter(bad["id"].as_str().unwrap().into(), None)).await;
     assert_ne!(retry["id"], bad["id"]);
     ok(outbox.flush()).await;
     eventually("the retry is delivered", async || {
@@ -428,10 +427,7 @@ async fn dead_letter_on_422_does_not_block_its_entity() {
     .await;
     assert_eq!(ok(outbox.dead_letters()).await, json!([]));
     assert_eq!(
-        error_code(
-            outbox.discard_dead_letter(bad["id"].as_str().unwrap().into(), JsValue::UNDEFINED)
-        )
-        .await,
+        error_code(outbox.discard_dead_letter(bad["id"].as_str().unwrap().into(), None)).await,
         "NOT_FOUND"
     );
 }
@@ -549,7 +545,7 @@ async fn manual_conflict_parks_until_resolved() {
     let resolved = ok(outbox.resolve_conflict(
         receipt["id"].as_str().unwrap().into(),
         "keep-mine".into(),
-        JsValue::UNDEFINED,
+        None,
     ))
     .await;
     assert_ne!(resolved["id"], receipt["id"]);
@@ -564,7 +560,7 @@ async fn manual_conflict_parks_until_resolved() {
     let code = error_code(outbox.resolve_conflict(
         receipt["id"].as_str().unwrap().into(),
         "bogus".into(),
-        JsValue::UNDEFINED,
+        None,
     ))
     .await;
     assert_eq!(code, "INVALID_ARGUMENT");
@@ -621,7 +617,7 @@ async fn bad_input_is_a_typed_error_never_a_panic() {
     Reflect::set(&request, &"payload".into(), &cyclic).unwrap();
     assert_eq!(error_code(outbox.enqueue(request)).await, "INVALID_OP");
     assert_eq!(
-        error_code(outbox.retry_dead_letter("nope".into(), JsValue::UNDEFINED)).await,
+        error_code(outbox.retry_dead_letter("nope".into(), None)).await,
         "INVALID_ARGUMENT"
     );
     assert!(
