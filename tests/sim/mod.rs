@@ -978,6 +978,9 @@ pub struct Sim {
     pub unannounced: bool,
     /// Inputs waiting to be fed to a context, in order.
     pending: VecDeque<(usize, SessionInput)>,
+    /// The extension's durable alarm (`chrome.alarms`, through the `schedule` hook): one for the
+    /// whole extension, surviving restarts, and it wakes the background.
+    pub alarm: Option<Millis>,
     seed: u64,
     trace: VecDeque<String>,
     /// Keep at most this many trace lines.
@@ -1059,6 +1062,7 @@ impl Sim {
             rng,
             unannounced: false,
             pending: VecDeque::new(),
+            alarm: None,
             seed,
             trace: VecDeque::new(),
             trace_len: 60,
@@ -1153,9 +1157,15 @@ impl Sim {
         self.sessions[BACKGROUND].drainer()
     }
 
-    /// The earliest time any context wants to be woken.
+    /// The earliest time any context wants to be woken (its timer), not counting the alarm.
     pub fn next_wake(&self) -> Option<Millis> {
         self.sessions.iter().filter_map(Session::poll_timeout).min()
+    }
+
+    /// The earliest wake-up of any kind: a context's timer or the extension's alarm.
+    pub fn next_wake_or_alarm(&self) -> Option<Millis> {
+        let alarm = self.alarm.map(|t| t.max(self.now + 1));
+        self.next_wake().into_iter().chain(alarm).min()
     }
 
     /// Feeds one input to a context and performs everything that follows, in every context.
@@ -1297,7 +1307,10 @@ impl Sim {
                 self.emit(event);
                 None
             }
-            SessionAction::Schedule(_) => None,
+            SessionAction::Schedule(at) => {
+                self.alarm = at;
+                None
+            }
             SessionAction::Finish { keys_before, limit } => {
                 expect_store(run_now(self.store.purge_keys(keys_before, limit)));
                 Some(SessionInput::Finished {
@@ -1930,11 +1943,14 @@ impl Sim {
                 .enumerate()
                 .map(|(i, f)| (self.deadline(f), i))
                 .min();
+            // The alarm fires at least 100 ms out, as the glue clamps it; it wakes the background.
+            let alarm = self.alarm.map(|t| (t.max(self.now + 1), BACKGROUND, true));
             let wake = (0..self.sessions.len())
-                .filter_map(|c| self.sessions[c].poll_timeout().map(|t| (t, c)))
+                .filter_map(|c| self.sessions[c].poll_timeout().map(|t| (t, c, false)))
+                .chain(alarm)
                 .min();
             let fire_timeout = match (timeout, wake) {
-                (Some((t, _)), Some((w, _))) => t <= w,
+                (Some((t, _)), Some((w, _, _))) => t <= w,
                 (Some(_), None) => true,
                 (None, _) => false,
             };
@@ -1947,10 +1963,16 @@ impl Sim {
                 self.time_out(i);
             } else {
                 match wake {
-                    Some((w, context)) if w <= target => {
+                    Some((w, context, alarm)) if w <= target => {
                         self.now = self.now.max(w);
-                        self.note(|| format!("timer {context}"));
-                        self.input_to(context, SessionInput::Wake(WakeReason::Timer));
+                        if alarm {
+                            self.alarm = None;
+                            self.note(|| "alarm".into());
+                            self.input_to(context, SessionInput::Wake(WakeReason::Alarm));
+                        } else {
+                            self.note(|| format!("timer {context}"));
+                            self.input_to(context, SessionInput::Wake(WakeReason::Timer));
+                        }
                     }
                     _ => break,
                 }
@@ -1965,9 +1987,9 @@ impl Sim {
         self.advance_to(self.now + ms);
     }
 
-    /// Moves the clock to the next wake-up of any context, if there is one.
+    /// Moves the clock to the next wake-up of any context, or the alarm, if there is one.
     pub fn advance_to_next_wake(&mut self) -> bool {
-        match self.next_wake() {
+        match self.next_wake_or_alarm() {
             Some(t) => {
                 self.advance_to(t.max(self.now));
                 true
@@ -2011,7 +2033,10 @@ impl Sim {
                 }
                 continue;
             }
-            if self.all_idle() && self.next_wake().is_none() {
+            // Quiet: nothing in flight and nothing to do when a wake-up comes. (The alarm stays
+            // armed as a heartbeat while ops are pending, so it alone does not count.)
+            let pending = self.store.counters_record().pending > 0;
+            if self.all_idle() && self.next_wake().is_none() && (!pending || self.alarm.is_none()) {
                 return true;
             }
             if !self.advance_to_next_wake() {
