@@ -229,7 +229,9 @@ fn step(sim: &mut Sim, n: u64) {
         }
         // The service worker is killed and started again; or the popup is closed and opened.
         780..=794 => sim.restart(),
-        795..=797 => sim.restart_context(POPUP),
+        795..=796 => sim.restart_context(POPUP),
+        // The browser is killed and drops the database on the way back.
+        797 => sim.lose_database(),
         // The drain lock breaks (two sessions may drain at once) or heals.
         798..=799 => {
             let broken = !sim.lock.broken;
@@ -345,6 +347,7 @@ fn run(case: &Case, steps: u64) -> Stats {
         step(&mut sim, n);
     }
     heal(&mut sim);
+    sim.stats.rebuilds = sim.rebuilds;
     sim.stats.clone()
 }
 
@@ -367,6 +370,7 @@ fn add(total: &mut Stats, one: &Stats) {
     total.concurrent += one.concurrent;
     total.loads += one.loads;
     total.progress_checks += one.progress_checks;
+    total.rebuilds += one.rebuilds;
     total.retries += one.retries;
     total.floors += one.floors;
     total.refused += one.refused;
@@ -450,5 +454,6 @@ fn delivery_contract_holds_under_random_faults() {
         assert!(total.concurrent > 0, "two sessions never drained at once");
         assert!(total.vanished > 0, "no lease ever caught a change");
         assert!(total.progress_checks > 0, "liveness was never checked");
+        assert!(total.rebuilds > 0, "the database was never lost and rebuilt");
     }
 }

@@ -712,6 +712,32 @@ pub fn decide(
                 pause: true,
             }
         }
+        Verdict::OutOfOrder { last, error } => {
+            // Only an entity's head is ever sent, so every op before it on the entity has left
+            // the queue and will not be sent again: a predecessor the server lacks is one that
+            // never arrived and never will (lost with a dropped database, say). Waiting would
+            // be for ever; relink past it to what the server has, and send again.
+            match last.filter(|&last| last < op.prev) {
+                Some(last) => {
+                    op.prev = last;
+                    op.last_error = Some(format!("{error}; relinked to the server's last seq {last}"));
+                    op.next_attempt_at = Some(now);
+                    Decision {
+                        write: update(op),
+                        event: None,
+                        pause: false,
+                    }
+                }
+                // Without the server's last (or with one at or past `prev`, which contradicts
+                // it), retry like a server failure.
+                None => reschedule(config, rng, now, op, Reschedule {
+                    counts: true,
+                    floor: 0,
+                    soon: false,
+                    error,
+                }),
+            }
+        }
         Verdict::Isolate => {
             op.solo = true;
             op.next_attempt_at = Some(now);

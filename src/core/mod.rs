@@ -22,6 +22,7 @@ pub mod admit;
 pub mod backoff;
 pub mod breaker;
 pub mod config;
+pub mod copy;
 pub mod drain;
 pub mod event;
 pub mod memory;

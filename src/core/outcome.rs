@@ -82,6 +82,14 @@ pub enum Verdict {
     },
     /// A multi-op request was refused as a whole: send each op alone to find the culprit.
     Isolate,
+    /// The server has not applied the op's predecessor (`prev`): it answered `out_of_order` (or
+    /// `425`) with the last `seq` it applied on the entity.
+    OutOfOrder {
+        /// The server's last applied `seq` on the entity, when it said.
+        last: Option<u64>,
+        /// Why, for the op's `last_error`.
+        error: String,
+    },
 }
 
 /// The verdicts for a request, one per op in order, and whether the breaker counts it a success.
@@ -147,11 +155,10 @@ pub fn classify(
         }),
         408 => all(retry(true, floor, "HTTP 408 request timeout".into())),
         429 | 503 => all(retry(false, floor, format!("HTTP {status}: busy"))),
-        425 => all(retry(
-            true,
-            floor,
-            "HTTP 425: a predecessor has not arrived".into(),
-        )),
+        425 => all(Verdict::OutOfOrder {
+            last: Problem::decode(body).last,
+            error: "HTTP 425: a predecessor has not arrived".into(),
+        }),
         409 => {
             let problem = Problem::decode(body);
             if problem.type_name() == Some("in-progress") {
@@ -241,11 +248,10 @@ fn verdict_for_result(result: &OpResult) -> Verdict {
                 .unwrap_or_else(|| "rejected by the server".into()),
             status: Some(422),
         },
-        ResultStatus::OutOfOrder => retry(
-            true,
-            0,
-            "out of order: a predecessor has not arrived".into(),
-        ),
+        ResultStatus::OutOfOrder => Verdict::OutOfOrder {
+            last: result.last,
+            error: "out of order: a predecessor has not arrived".into(),
+        },
         ResultStatus::Unknown => retry(true, 0, "bad response: unknown result status".into()),
     }
 }

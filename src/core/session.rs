@@ -23,6 +23,7 @@ use std::collections::VecDeque;
 
 use super::breaker::Breaker;
 use super::config::Config;
+use super::copy::CopyWrite;
 use super::drain::{self, Drainer, Request, RequestId, WakeReason};
 use super::event::Event;
 use super::op::{Op, OpId};
@@ -86,11 +87,12 @@ pub enum Input {
         /// The ops left out.
         vanished: Vec<u64>,
     },
-    /// The answer to [`Action::Persist`]: the `seq`s whose writes were stale
-    /// ([`store::apply`](super::store::apply)'s answer), whose events are dropped.
+    /// The answer to [`Action::Persist`]: what [`store::apply`](super::store::apply) did.
     Persisted {
-        /// The stale writes.
+        /// The `seq`s whose writes were stale; their events are dropped.
         stale: Vec<u64>,
+        /// What changed in the second copy; it is written next.
+        copy: CopyWrite,
     },
     /// The answer to [`Action::Send`], whenever it comes.
     Reply {
@@ -164,6 +166,8 @@ pub enum Action {
     Persist(Vec<Write>),
     /// Tell the application.
     Emit(Event),
+    /// Write these changes to the second copy (see [`copy`](super::copy)); nothing waits for it.
+    WriteCopy(CopyWrite),
     /// Set the durable wake-up (`chrome.alarms` through the `schedule` hook) to this time, or
     /// clear it: it replaces whatever was set.
     Schedule(Option<Millis>),
@@ -533,8 +537,12 @@ impl Session {
                 }
                 Phase::Running(drainer)
             }
-            (phase @ Phase::Running(_), Input::Persisted { stale }) => {
+            (phase @ Phase::Running(_), Input::Persisted { stale, copy }) => {
                 self.drop_stale_events(&stale);
+                // Right after the persist: the copy follows the database as closely as it can.
+                if !copy.is_empty() {
+                    self.actions.push_front(Action::WriteCopy(copy));
+                }
                 phase
             }
             (Phase::Ending { next_wake }, Input::Finished { pending }) => {
@@ -851,9 +859,12 @@ mod tests {
                     }
                     Action::Persist(writes) => {
                         self.log.push("persist".into());
-                        let stale =
+                        let applied =
                             run_now(store::apply(&mut self.store, &writes, self.now)).unwrap();
-                        Some(Input::Persisted { stale })
+                        Some(Input::Persisted {
+                            stale: applied.stale,
+                            copy: applied.copy,
+                        })
                     }
                     Action::Finish { .. } => {
                         self.log.push("finish".into());
@@ -878,7 +889,7 @@ mod tests {
                         self.log.push("broadcast".into());
                         None
                     }
-                    Action::Probe => None,
+                    Action::Probe | Action::WriteCopy(_) => None,
                     Action::Ended { .. } => {
                         self.log.push("ended".into());
                         None

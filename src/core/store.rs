@@ -18,6 +18,7 @@
 use super::admit::{Refusal, admit, validate_key};
 use super::breaker::Breaker;
 use super::config::Config;
+use super::copy::{CopiedOp, Copied, CopyWrite, Rebuilt};
 use super::op::{Draft, Op, OpId};
 use super::records::{
     Counters, DeadCause, DeadLetter, KeyRecord, ParkedConflict, Receipt, Resolution, fingerprint,
@@ -212,28 +213,29 @@ fn reused(key: Option<CallKey<'_>>) -> Refusal {
     Refusal::KeyReused(key.map(|k| k.key.to_owned()).unwrap_or_default())
 }
 
+/// Stores the key's record of this call; returns it.
 async fn remember<T: QueueTxn>(
     txn: &mut T,
     key: Option<CallKey<'_>>,
     print: u64,
     receipt: &Option<Receipt>,
-) -> Result<(), T::Error> {
-    match key {
-        Some(CallKey { key, now }) => {
-            txn.put_key(&KeyRecord {
-                key: key.to_owned(),
-                fingerprint: print,
-                receipt: receipt.clone(),
-                at: now,
-            })
-            .await
-        }
-        None => Ok(()),
-    }
+) -> Result<Option<KeyRecord>, T::Error> {
+    let Some(CallKey { key, now }) = key else {
+        return Ok(None);
+    };
+    let record = KeyRecord {
+        key: key.to_owned(),
+        fingerprint: print,
+        receipt: receipt.clone(),
+        at: now,
+    };
+    txn.put_key(&record).await?;
+    Ok(Some(record))
 }
 
 /// Puts a new op in the queue. See [`admit`] for the rules. With a `key`, a repeated call
-/// returns the first call's receipt (marked `replayed`) and queues nothing.
+/// returns the first call's receipt (marked `replayed`) and queues nothing. The copy gets the
+/// new op (with its key), loses the one it replaced, and learns the counters.
 pub async fn enqueue<T: QueueTxn>(
     txn: &mut T,
     config: &Config,
@@ -241,7 +243,7 @@ pub async fn enqueue<T: QueueTxn>(
     id: OpId,
     key: Option<CallKey<'_>>,
     now: Millis,
-) -> Result<Receipt, T::Error> {
+) -> Result<Copied<Receipt>, T::Error> {
     if let Some(key) = key {
         validate_key(key.key)?;
     }
@@ -250,13 +252,28 @@ pub async fn enqueue<T: QueueTxn>(
         .await?;
     let print = draft.fingerprint();
     if let Some(earlier) = replay(record, print)? {
-        return Ok(earlier.ok_or_else(|| reused(key))?);
+        let receipt = earlier.ok_or_else(|| reused(key))?;
+        return Ok(Copied {
+            value: receipt,
+            copy: CopyWrite::default(),
+        });
     }
-    let receipt = admit_new(txn, config, counters, tail, draft, id, now).await?;
-    remember(txn, key, print, &Some(receipt.clone())).await?;
-    Ok(receipt)
+    let (receipt, op, replaced, counters) =
+        admit_new(txn, config, counters, tail, draft, id, now).await?;
+    let kept = remember(txn, key, print, &Some(receipt.clone())).await?;
+    let copy = CopyWrite {
+        put: vec![CopiedOp { op, key: kept }],
+        remove: replaced.into_iter().collect(),
+        counters: Some(counters),
+    };
+    Ok(Copied {
+        value: receipt,
+        copy,
+    })
 }
 
+/// Admits a draft and writes it: the receipt, the op as stored, the `seq` it replaced, the new
+/// counters.
 async fn admit_new<T: QueueTxn>(
     txn: &mut T,
     config: &Config,
@@ -265,19 +282,33 @@ async fn admit_new<T: QueueTxn>(
     draft: Draft,
     id: OpId,
     now: Millis,
-) -> Result<Receipt, T::Error> {
+) -> Result<(Receipt, Op, Option<u64>, Counters), T::Error> {
     let admission = admit(config, &counters, tail.as_ref(), draft, id, now)?;
     if let Some(old) = &admission.replaces {
         txn.delete_op(old.seq).await?;
     }
     txn.put_op(&admission.op).await?;
     txn.put_counters(&admission.counters).await?;
-    Ok(Receipt {
+    let receipt = Receipt {
         id,
         seq: admission.op.seq,
-        replaced: admission.replaces.map(|old| old.id),
+        replaced: admission.replaces.as_ref().map(|old| old.id),
         replayed: false,
-    })
+    };
+    let replaced = admission.replaces.map(|old| old.seq);
+    Ok((receipt, admission.op, replaced, admission.counters))
+}
+
+/// Puts a rebuilt queue ([`copy::rebuild`](super::copy::rebuild)) into an empty store: its ops,
+/// counters and callers' keys. (The client id is the shell's to store.)
+pub async fn restore<T: QueueTxn>(txn: &mut T, rebuilt: &Rebuilt) -> Result<(), T::Error> {
+    for op in &rebuilt.ops {
+        txn.put_op(op).await?;
+    }
+    for key in &rebuilt.keys {
+        txn.put_key(key).await?;
+    }
+    txn.put_counters(&rebuilt.counters).await
 }
 
 /// Records an attempt before its request goes out: stores each op as given (with its attempt
@@ -299,16 +330,26 @@ pub async fn lease<T: QueueTxn>(txn: &mut T, ops: &[Op]) -> Result<Vec<u64>, T::
     Ok(vanished)
 }
 
+/// What [`apply`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The `seq`s of the writes that were stale (see [`Write::Update`]; a finish of an op that is
+    /// gone, or that another op took the place of) and so changed nothing: their events must not
+    /// be reported.
+    pub stale: Vec<u64>,
+    /// What changed in the second copy: finished ops leave it; ops whose wire body changed (a
+    /// rebase's new id, a successor relinked past an op that took no effect) are stored again.
+    pub copy: CopyWrite,
+}
+
 /// Persists the drainer's writes. Everything it must read (the stored copy of each op written,
 /// each finishing op's successor, the counters) is read first, in batches, then everything is
-/// written. Returns the `seq`s of the writes that were stale (see [`Write::Update`]; a finish
-/// of an op that is gone, or that another op took the place of) and so changed nothing: their
-/// events must not be reported.
+/// written.
 pub async fn apply<T: QueueTxn>(
     txn: &mut T,
     writes: &[Write],
     now: Millis,
-) -> Result<Vec<u64>, T::Error> {
+) -> Result<Applied, T::Error> {
     let touched: Vec<u64> = writes
         .iter()
         .filter_map(|write| match write {
@@ -331,11 +372,18 @@ pub async fn apply<T: QueueTxn>(
         false => None,
     };
     let mut stale = Vec::new();
+    let mut copy = CopyWrite::default();
     for write in writes {
         match write {
             Write::Update { op, was } => match stored.next().flatten() {
                 Some(stored) if stored.id == *was && stored.attempts == op.attempts => {
                     txn.put_op(op).await?;
+                    if op.id != *was {
+                        copy.put.push(CopiedOp {
+                            op: op.clone(),
+                            key: None,
+                        });
+                    }
                 }
                 _ => stale.push(op.seq),
             },
@@ -354,6 +402,7 @@ pub async fn apply<T: QueueTxn>(
                     }
                 };
                 txn.delete_op(op.seq).await?;
+                copy.remove.push(op.seq);
                 if let Some(c) = &mut counters {
                     c.pending = c.pending.saturating_sub(1);
                     c.bytes = c.bytes.saturating_sub(stored.size());
@@ -388,7 +437,15 @@ pub async fn apply<T: QueueTxn>(
                     }
                 }
                 if let Some(next) = successor {
-                    txn.put_op(&promote(next, op, fate, now)).await?;
+                    let before = next.prev;
+                    let promoted = promote(next, op, fate, now);
+                    txn.put_op(&promoted).await?;
+                    if promoted.prev != before {
+                        copy.put.push(CopiedOp {
+                            op: promoted,
+                            key: None,
+                        });
+                    }
                 }
             }
             Write::Breaker(breaker) => txn.put_breaker(breaker).await?,
@@ -398,8 +455,9 @@ pub async fn apply<T: QueueTxn>(
     }
     if let Some(c) = counters {
         txn.put_counters(&c).await?;
+        copy.counters = Some(c);
     }
-    Ok(stale)
+    Ok(Applied { stale, copy })
 }
 
 /// Makes `next` the head of its entity after `departed` left with `fate`. Unless `departed`
@@ -439,10 +497,14 @@ pub async fn retry_dead_letter<T: QueueTxn>(
     fresh_id: OpId,
     key: Option<CallKey<'_>>,
     now: Millis,
-) -> Result<Receipt, T::Error> {
+) -> Result<Copied<Receipt>, T::Error> {
     let print = fingerprint(&["retry-dead-letter", &id.to_string()]);
     if let Some(earlier) = keyed_replay(txn, key, print).await? {
-        return Ok(earlier.ok_or_else(|| reused(key))?);
+        let receipt = earlier.ok_or_else(|| reused(key))?;
+        return Ok(Copied {
+            value: receipt,
+            copy: CopyWrite::default(),
+        });
     }
     let letter = txn
         .get_dead_letter(id)
@@ -453,10 +515,10 @@ pub async fn retry_dead_letter<T: QueueTxn>(
     } else {
         id
     };
-    let receipt = enqueue(txn, config, letter.op.draft(), new_id, None, now).await?;
+    let queued = enqueue(txn, config, letter.op.draft(), new_id, None, now).await?;
     txn.delete_dead_letter(id).await?;
-    remember(txn, key, print, &Some(receipt.clone())).await?;
-    Ok(receipt)
+    remember(txn, key, print, &Some(queued.value.clone())).await?;
+    Ok(queued)
 }
 
 /// Removes a dead letter for good. With a `key`, a repeated call succeeds again instead of
@@ -474,7 +536,7 @@ pub async fn discard_dead_letter<T: QueueTxn>(
         .await?
         .ok_or(Refusal::NotFound(id))?;
     txn.delete_dead_letter(id).await?;
-    remember(txn, key, print, &None).await
+    remember(txn, key, print, &None).await.map(drop)
 }
 
 /// Settles a parked conflict. `KeepMine` queues the op again against the server's version, with
@@ -488,27 +550,34 @@ pub async fn resolve_conflict<T: QueueTxn>(
     fresh_id: OpId,
     key: Option<CallKey<'_>>,
     now: Millis,
-) -> Result<Option<Receipt>, T::Error> {
+) -> Result<Copied<Option<Receipt>>, T::Error> {
     let how = match resolution {
         Resolution::KeepMine => "keep-mine",
         Resolution::TakeTheirs => "take-theirs",
     };
     let print = fingerprint(&["resolve-conflict", &id.to_string(), how]);
     if let Some(earlier) = keyed_replay(txn, key, print).await? {
-        return Ok(earlier);
+        return Ok(Copied {
+            value: earlier,
+            copy: CopyWrite::default(),
+        });
     }
     let conflict = txn.get_conflict(id).await?.ok_or(Refusal::NotFound(id))?;
-    let receipt = match resolution {
+    let (receipt, copy) = match resolution {
         Resolution::KeepMine => {
             let mut draft = conflict.op.draft();
             draft.base_version = conflict.server_version.or(draft.base_version);
-            Some(enqueue(txn, config, draft, fresh_id, None, now).await?)
+            let queued = enqueue(txn, config, draft, fresh_id, None, now).await?;
+            (Some(queued.value), queued.copy)
         }
-        Resolution::TakeTheirs => None,
+        Resolution::TakeTheirs => (None, CopyWrite::default()),
     };
     txn.delete_conflict(id).await?;
     remember(txn, key, print, &receipt).await?;
-    Ok(receipt)
+    Ok(Copied {
+        value: receipt,
+        copy,
+    })
 }
 
 #[cfg(test)]
@@ -549,6 +618,7 @@ mod tests {
             k,
             10,
         ))
+        .map(|queued| queued.value)
     }
 
     #[test]
@@ -604,7 +674,7 @@ mod tests {
         let mut store = MemoryStore::default();
         let dead = dead_letter(&mut store);
         let retry = |store: &mut MemoryStore, k| {
-            run_now(retry_dead_letter(store, &config, dead, id(9), k, 30))
+            run_now(retry_dead_letter(store, &config, dead, id(9), k, 30)).map(|q| q.value)
         };
         let first = retry(&mut store, key("r-1", 30)).unwrap();
         let again = retry(&mut store, key("r-1", 31)).unwrap();
@@ -654,6 +724,7 @@ mod tests {
                 k,
                 30,
             ))
+            .map(|q| q.value)
         };
         let first = resolve(&mut store, Resolution::KeepMine, key("c-1", 30)).unwrap();
         let again = resolve(&mut store, Resolution::KeepMine, key("c-1", 31)).unwrap();

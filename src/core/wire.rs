@@ -179,6 +179,9 @@ pub struct Problem {
     /// For rejections: why.
     #[serde(default)]
     pub reason: Option<String>,
+    /// For `425 out-of-order`: the last `seq` the server applied on the entity.
+    #[serde(default)]
+    pub last: Option<u64>,
 }
 
 impl Problem {

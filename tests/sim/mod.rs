@@ -24,6 +24,7 @@ use outbox::core::memory::run_now;
 use outbox::core::retry_after::format_http_date;
 use outbox::core::store::{self, QueueTxn};
 use outbox::core::wire::{ClientId, encode_request};
+use outbox::core::copy::{self, CopiedOp, Copied, CopyMeta, CopyWrite, Start};
 use outbox::core::{
     Config, ConflictOutcome, Counters, DeadLetter, Draft, Event, MemoryStore, Millis, Op, OpId,
     ParkedConflict, Priority, Receipt, Refusal, Reply, RequestId, Resolution, Rng, SendMode,
@@ -913,6 +914,8 @@ pub struct Stats {
     pub wake_checks: u64,
     /// Checks that a draining session with a free slot leaves nothing due unsent.
     pub progress_checks: u64,
+    /// Queues rebuilt from the second copy after the database was lost.
+    pub rebuilds: u64,
     /// Probes answered.
     pub probes: u64,
     /// Events by name.
@@ -981,6 +984,15 @@ pub struct Sim {
     /// The extension's durable alarm (`chrome.alarms`, through the `schedule` hook): one for the
     /// whole extension, surviving restarts, and it wakes the background.
     pub alarm: Option<Millis>,
+    /// The second copy (`chrome.storage.local` in the extension): its ops by `seq`, and its
+    /// record. It survives what the database does not.
+    pub copy: BTreeMap<u64, CopiedOp>,
+    /// The copy's record of the queue.
+    pub copy_meta: Option<CopyMeta>,
+    /// The client id the database holds (the store keeps the rest).
+    pub db_client: Option<ClientId>,
+    /// Times the database was lost and the queue rebuilt from the copy.
+    pub rebuilds: u64,
     seed: u64,
     trace: VecDeque<String>,
     /// Keep at most this many trace lines.
@@ -1063,6 +1075,15 @@ impl Sim {
             unannounced: false,
             pending: VecDeque::new(),
             alarm: None,
+            copy: BTreeMap::new(),
+            // What `Outbox.open` writes for a fresh client.
+            copy_meta: Some(CopyMeta {
+                client,
+                next_seq: 1,
+                pending: 0,
+            }),
+            db_client: Some(client),
+            rebuilds: 0,
             seed,
             trace: VecDeque::new(),
             trace_len: 60,
@@ -1296,15 +1317,23 @@ impl Sim {
                 None
             }
             SessionAction::Persist(writes) => {
-                let stale = expect_store(run_now(store::apply(&mut self.store, &writes, now)));
+                let applied = expect_store(run_now(store::apply(&mut self.store, &writes, now)));
+                let stale = applied.stale;
                 self.stats.stale += stale.len() as u64;
                 if !stale.is_empty() {
                     self.note(|| format!("context {context}: stale writes {stale:?}"));
                 }
-                Some(SessionInput::Persisted { stale })
+                Some(SessionInput::Persisted {
+                    stale,
+                    copy: applied.copy,
+                })
             }
             SessionAction::Emit(event) => {
                 self.emit(event);
+                None
+            }
+            SessionAction::WriteCopy(copy) => {
+                self.write_copy(copy);
                 None
             }
             SessionAction::Schedule(at) => {
@@ -1461,6 +1490,91 @@ impl Sim {
         self.events.push((self.now, event));
     }
 
+    // --- the second copy -----------------------------------------------------------------------
+
+    /// Writes what a transaction changed to the copy, and returns its value.
+    fn copied<T>(&mut self, queued: Copied<T>) -> T {
+        self.write_copy(queued.copy);
+        queued.value
+    }
+
+    fn write_copy(&mut self, copy: CopyWrite) {
+        for entry in copy.put {
+            self.copy.insert(entry.op.seq, entry);
+        }
+        for seq in copy.remove {
+            self.copy.remove(&seq);
+        }
+        if let Some(counters) = copy.counters {
+            self.copy_meta = Some(CopyMeta {
+                client: self.client,
+                next_seq: counters.next_seq,
+                pending: counters.pending,
+            });
+        }
+    }
+
+    /// The browser drops the database (LevelDB found corrupt after a hard kill): every store is
+    /// empty when the contexts start again, and they rebuild the queue from the copy. Dead
+    /// letters and parked conflicts go with the database: they are not in the copy.
+    pub fn lose_database(&mut self) {
+        self.note(|| "database lost".into());
+        self.store = MemoryStore::default();
+        self.db_client = None;
+        for entry in self.ledger.entries.values_mut() {
+            if matches!(entry.ending, Some(Ending::DeadLettered | Ending::Parked)) {
+                entry.settled_by_user = true;
+            }
+        }
+        for context in 0..self.sessions.len() {
+            self.restart_context(context);
+        }
+    }
+
+    /// What a context does with the database and the copy as it opens (`Outbox.open`).
+    fn open_store(&mut self) {
+        match copy::start(self.db_client, self.copy_meta) {
+            Start::Fresh | Start::Intact => {}
+            Start::Seed | Start::Orphaned(_) => self.fail("the sim's copy always has the queue"),
+            Start::Rebuild(meta) => {
+                let copied: Vec<CopiedOp> = self.copy.values().cloned().collect();
+                let rebuilt = copy::rebuild(meta, copied, self.now);
+                self.ensure(rebuilt.missing == 0, || {
+                    format!("the copy lost {} ops: {meta:?}", rebuilt.missing)
+                });
+                self.ensure(rebuilt.client == self.client, || "rebuilt as another client".into());
+                expect_store(run_now(store::restore(&mut self.store, &rebuilt)));
+                self.db_client = Some(rebuilt.client);
+                self.rebuilds += 1;
+                let count = rebuilt.ops.len();
+                self.note(|| format!("rebuilt {count} ops from the copy"));
+            }
+        }
+    }
+
+    /// The copy holds exactly the queue's ops, with the fields that make them the same op on
+    /// the wire, and its record matches the counters.
+    pub fn check_copy(&self) {
+        let stored: Vec<u64> = self.store.ops().map(|op| op.seq).collect();
+        let copied: Vec<u64> = self.copy.keys().copied().collect();
+        self.ensure(stored == copied, || {
+            format!("the copy holds seqs {copied:?}, the queue {stored:?}")
+        });
+        for op in self.store.ops() {
+            let entry = &self.copy[&op.seq].op;
+            let same = (entry.id, entry.prev, &entry.entity, &entry.payload, entry.base_version)
+                == (op.id, op.prev, &op.entity, &op.payload, op.base_version);
+            self.ensure(same, || format!("the copy of seq {} differs: {entry:?} vs {op:?}", op.seq));
+        }
+        if let Some(meta) = self.copy_meta {
+            let counters = self.store.counters_record();
+            self.ensure(
+                meta.next_seq == counters.next_seq && meta.pending == counters.pending,
+                || format!("the copy's record {meta:?} against the counters {counters:?}"),
+            );
+        }
+    }
+
     // --- the application ----------------------------------------------------------------------
 
     /// Runs a store transaction; a refused one must leave the store as it was.
@@ -1507,7 +1621,9 @@ impl Sim {
         let id = self.fresh_id();
         let now = self.now;
         let for_ledger = draft.clone();
-        let result = self.transact(|s, c| run_now(store::enqueue(s, c, draft, id, None, now)));
+        let result = self
+            .transact(|s, c| run_now(store::enqueue(s, c, draft, id, None, now)))
+            .map(|queued| self.copied(queued));
         self.note(|| format!("enqueue {for_ledger:?} -> {result:?}"));
         match &result {
             Ok(receipt) => {
@@ -1534,7 +1650,8 @@ impl Sim {
             .find(|d| d.op.id == id)
             .map(|d| d.op.draft());
         let result =
-            self.transact(|s, c| run_now(store::retry_dead_letter(s, c, id, fresh, None, now)));
+            self.transact(|s, c| run_now(store::retry_dead_letter(s, c, id, fresh, None, now)))
+                .map(|queued| self.copied(queued));
         self.note(|| format!("retry dead letter {id} -> {result:?}"));
         if let Ok(receipt) = &result {
             self.settle_by_user(id);
@@ -1572,11 +1689,13 @@ impl Sim {
             draft.base_version = c.server_version.or(draft.base_version);
             draft
         });
-        let result = self.transact(|s, c| {
-            run_now(store::resolve_conflict(
-                s, c, id, resolution, fresh, None, now,
-            ))
-        });
+        let result = self
+            .transact(|s, c| {
+                run_now(store::resolve_conflict(
+                    s, c, id, resolution, fresh, None, now,
+                ))
+            })
+            .map(|queued| self.copied(queued));
         self.note(|| format!("resolve {id} {resolution:?} -> {result:?}"));
         if let Ok(receipt) = &result {
             self.settle_by_user(id);
@@ -1633,6 +1752,7 @@ impl Sim {
             }
         }
         self.note(|| format!("restart {context}"));
+        self.open_store();
         self.pending.retain(|(c, _)| *c != context);
         self.sessions[context] = Session::new(self.config.clone(), seed32(&mut self.rng));
         self.release_lock(context);
@@ -2051,6 +2171,7 @@ impl Sim {
     /// Checks the invariants that hold between any two steps.
     pub fn check(&mut self) {
         self.check_store();
+        self.check_copy();
         self.check_wake();
         self.check_progress();
         let wake = self.next_wake();
