@@ -193,6 +193,7 @@ export async function runKillLoop(options, { say = (line) => process.stderr.writ
     for (const [storage] of acks) counts[storage] = (counts[storage] ?? 0) + 1;
     perBoot.set(boot.boot, counts);
   });
+  collector.on('writing', (boot) => ledger.retired(boot)); // it posts /writing after retiring
   let browser = null;
   const started = Date.now();
   const cycles = [];
@@ -287,7 +288,8 @@ function cycleLine(r, storages) {
     parts.push(storages.map((s) => {
       const c = r.check[s];
       if (c.error) return `${s}:ERROR(${c.error})`;
-      return `${s}:${c.kept}/${c.expected}${c.lost ? ` LOST ${c.lost}${c.wholesale ? ' WHOLESALE' : ''}` : ''}${c.markerReset ? ' MARKER-RESET' : ''}`;
+      return `${s}:${c.kept}/${c.expected}${c.lost ? ` LOST ${c.lost}${c.wholesale ? ' WHOLESALE' : ''}` : ''}`
+        + `${c.markerReset ? ' MARKER-RESET' : ''}${c.undeleted ? ` UNDELETED ${c.undeleted}` : ''}`;
     }).join(' '));
   }
   if (r.kill && !r.final) {
@@ -321,6 +323,9 @@ function summarize(cycles, ledger, storages) {
     log: c.log?.lines.filter((l) => /backing_store|corrupt|value_store|leveldb/i.test(l)),
     tornBefore: cycles.filter((p) => p.cycle < c.cycle && p.cycle >= c.cycle - 3 && p.forensics?.torn.length)
       .map((p) => ({ cycle: p.cycle, torn: p.forensics.torn })) }));
+  const undeletedCycles = checked.filter((c) => storages.some((s) => c.check[s]?.undeleted))
+    .map((c) => ({ cycle: c.cycle, ...Object.fromEntries(storages.filter((s) => c.check[s]?.undeleted)
+      .map((s) => [s, c.check[s].undeleted])) }));
   const logTotals = {};
   const cyclesWithLog = {};
   for (const c of cycles) {
@@ -339,7 +344,7 @@ function summarize(cycles, ledger, storages) {
     cycles: cycles.filter((c) => !c.final).length, kills, checks: checked.length,
     noBoot: cycles.filter((c) => c.noBoot).length, noWrites: cycles.filter((c) => c.noWrites).length,
     multiBootCycles: cycles.filter((c) => c.boots > 1).length,
-    perStorage, lossCycles, logTotals, cyclesWithLog, kindsOfTornTailAfterKill: torn, events,
+    perStorage, lossCycles, undeletedCycles, logTotals, cyclesWithLog, kindsOfTornTailAfterKill: torn, events,
     killsAfterAck: { n: afterAck.length, msAfterLastAck: timingStats(afterAck) },
     bootMs: timingStats(checked.map((c) => c.inventoryMs)),
   };

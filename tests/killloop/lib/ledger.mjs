@@ -31,7 +31,8 @@ export class Ledger {
     this.timings = Object.fromEntries(storages.map((s) => [s, []]));
     this.markers = Object.fromEntries(storages.map((s) => [s, null]));
     this.totals = Object.fromEntries(storages.map((s) => [s, { acked: 0, lost: 0, checks: 0, checkErrors: 0,
-      cyclesWithLoss: 0, wholesale: 0, markerResets: 0, unackedSurvivors: 0 }]));
+      cyclesWithLoss: 0, wholesale: 0, markerResets: 0, unackedSurvivors: 0, undeleted: 0, cyclesWithUndeleted: 0 }]));
+    this.retiredBelow = 0; // the retireBelow of the last boot that reported retiring
   }
 
   /** Acks as the collector received them: [[storage, id, ms], ...] arriving at `at`. */
@@ -73,8 +74,21 @@ export class Ledger {
         if (present.has(id) && !bad.has(id)) kept++;
         else lost.push({ id, beforeKillMs: killAt === null ? null : killAt - at, bad: bad.has(id) });
       }
+      // Present but not expected: written but never acked, or deleted by an earlier boot's
+      // retirement and back again (a lost delete), counted apart.
       let unacked = 0;
-      for (const id of present) if (!acked.has(id)) unacked++;
+      let undeleted = 0;
+      const retiredFloor = this.retiredBelow * EPOCH_SPAN;
+      for (const id of present) {
+        if (acked.has(id)) continue;
+        if (id < retiredFloor) undeleted++;
+        else unacked++;
+      }
+      if (undeleted) {
+        result.undeleted = undeleted;
+        totals.undeleted += undeleted;
+        totals.cyclesWithUndeleted++;
+      }
       result.found = present.size;
       result.kept = kept;
       result.lost = lost.length;
@@ -107,6 +121,11 @@ export class Ledger {
       for (const id of this.acked[storage].keys()) if (id < floor) this.acked[storage].delete(id);
     }
     return results;
+  }
+
+  /** The workload of `boot` says it retired (deleted) the records below its retireBelow. */
+  retired(boot) {
+    this.retiredBelow = Math.max(this.retiredBelow, boot.retireBelow);
   }
 
   /** Totals per storage, with the write-time statistics of every acknowledged write. */
