@@ -80,21 +80,28 @@ async function scanLog(path, browser) {
   return { counts, lines };
 }
 
-/** The tails of each LevelDB log, compact: {store: ['000004.log:clean', ...]}, torn ones flagged. */
+/**
+ * The tails of each LevelDB log, compact: {store: ['000004.log:<bytes>:clean', ...]}. `torn`: stores
+ * whose log now ends in a torn record (this kill tore it); `corrupt`: stores whose log holds a
+ * record with a bad checksum (the aftermath: a torn record that later appends ran into; the next
+ * open trips on it). A torn-looking tail after a bad record is garbage and is not a new tear.
+ */
 function compactForensics(scan) {
   const out = {};
   const torn = [];
+  const corrupt = [];
   for (const [store, info] of Object.entries(scan ?? {})) {
     if (!info) continue;
     out[store] = Object.entries(info.logs).map(([name, log]) => {
       const kind = log.tail.kind;
-      if (['partial-header', 'header-only', 'partial-payload'].includes(kind)) torn.push(store);
+      if (log.corrupt) corrupt.push(store);
+      else if (['partial-header', 'header-only', 'partial-payload'].includes(kind)) torn.push(store);
       return `${name}:${log.bytes}:${kind}${log.tail.declared !== undefined ? `(${log.tail.have}/${log.tail.declared})` : ''}`
         + `${log.corrupt ? `:corrupt@${log.corrupt.offset}` : ''}`;
     });
     if (info.notable.length) out[`${store}.LOG`] = info.notable.slice(0, 5);
   }
-  return { logs: out, torn: [...new Set(torn)] };
+  return { logs: out, torn: [...new Set(torn)], corrupt: [...new Set(corrupt)] };
 }
 
 // --- variants: how to get the workload into a browser on the profile, and how to launch it ---
@@ -299,6 +306,7 @@ function cycleLine(r, storages) {
   const logs = Object.entries(r.log?.counts ?? {}).filter(([k]) => ['backingStore', 'idbRecovering', 'corruption', 'valueStore', 'fileSystem'].includes(k));
   if (logs.length) parts.push(`log ${logs.map(([k, v]) => `${k}=${v}`).join(' ')}`);
   if (r.forensics?.torn.length) parts.push(`torn tail: ${r.forensics.torn.join(',')}`);
+  if (r.forensics?.corrupt?.length) parts.push(`bad record in log: ${r.forensics.corrupt.join(',')}`);
   if (r.events?.length) parts.push(`events ${[...new Set(r.events)].join(',')}`);
   return parts.join(' | ');
 }
@@ -335,7 +343,11 @@ function summarize(cycles, ledger, storages) {
     }
   }
   const torn = {};
-  for (const c of cycles) for (const store of c.forensics?.torn ?? []) torn[store] = (torn[store] ?? 0) + 1;
+  const corrupt = {};
+  for (const c of cycles) {
+    for (const store of c.forensics?.torn ?? []) torn[store] = (torn[store] ?? 0) + 1;
+    for (const store of c.forensics?.corrupt ?? []) corrupt[store] = (corrupt[store] ?? 0) + 1;
+  }
   const events = {};
   for (const c of cycles) for (const e of new Set(c.events ?? [])) events[e] = (events[e] ?? 0) + 1;
   const afterAck = cycles.filter((c) => c.kill?.afterAck && c.kill.sinceLastAckMs !== null && !c.final)
@@ -344,7 +356,7 @@ function summarize(cycles, ledger, storages) {
     cycles: cycles.filter((c) => !c.final).length, kills, checks: checked.length,
     noBoot: cycles.filter((c) => c.noBoot).length, noWrites: cycles.filter((c) => c.noWrites).length,
     multiBootCycles: cycles.filter((c) => c.boots > 1).length,
-    perStorage, lossCycles, undeletedCycles, logTotals, cyclesWithLog, kindsOfTornTailAfterKill: torn, events,
+    perStorage, lossCycles, undeletedCycles, logTotals, cyclesWithLog, killsThatToreALog: torn, cyclesEndingWithABadLogRecord: corrupt, events,
     killsAfterAck: { n: afterAck.length, msAfterLastAck: timingStats(afterAck) },
     bootMs: timingStats(checked.map((c) => c.inventoryMs)),
   };
