@@ -248,9 +248,9 @@ export async function prepareFirefoxProfile({ profile, xpi, addonId, uuid, prefs
   return profile;
 }
 
-/** Launches firefox-esr headless on `profile` (prepared by prepareFirefoxProfile). */
-export async function launchFirefox({ profile, logPath, args = [], binary = FIREFOX }) {
-  const argv = [binary, '-profile', profile, '-headless', '-no-remote', ...args];
+/** Launches firefox-esr headless on `profile` (prepared by prepareFirefoxProfile); `wrap` as for Chromium. */
+export async function launchFirefox({ profile, logPath, args = [], wrap = [], binary = FIREFOX }) {
+  const argv = [...wrap, binary, '-profile', profile, '-headless', '-no-remote', ...args];
   const env = { ...process.env, MOZ_CRASHREPORTER_DISABLE: '1', MOZ_DISABLE_AUTO_SAFE_MODE: '1' };
   const browser = spawnLogged(argv[0], argv.slice(1), { logPath: logPath ?? join(dirname(profile), 'firefox.log'),
     env, kind: 'firefox', profile });

@@ -10,7 +10,7 @@
 import { readFile, readdir, appendFile, mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { launchChromium } from './browsers.mjs';
+import { buildXpi, launchChromium, launchFirefox, prepareFirefoxProfile } from './browsers.mjs';
 import { Collector } from './collector.mjs';
 import { Ledger, timingStats } from './ledger.mjs';
 import { extensionLevelDbs, scanLevelDb } from './leveldb.mjs';
@@ -131,7 +131,10 @@ function countSyncs(text, from, to) {
     match.splice(1, 1);
     const path = match[3] ?? '?';
     let kind = 'other';
-    if (/IndexedDB/.test(path)) kind = /\.log$/.test(path) ? 'idb .log' : /MANIFEST/.test(path) ? 'idb MANIFEST' : 'idb other';
+    if (/moz-extension\+\+\+[^/]*\^userContextId=4294967295\/idb\//.test(path)) kind = `storage ${/-wal$/.test(path) ? 'sqlite-wal' : /\.sqlite$/.test(path) ? 'sqlite' : 'other'}`;
+    else if (/moz-extension\+\+\+[^/]*\/idb\//.test(path)) kind = `idb ${/-wal$/.test(path) ? 'sqlite-wal' : /\.sqlite$/.test(path) ? 'sqlite' : 'other'}`;
+    else if (/moz-extension\+\+\+[^/]*\/fs\//.test(path)) kind = /\.sqlite/.test(path) ? 'opfs metadata db' : 'opfs file';
+    else if (/IndexedDB/.test(path)) kind = /\.log$/.test(path) ? 'idb .log' : /MANIFEST/.test(path) ? 'idb MANIFEST' : 'idb other';
     else if (/Local Extension Settings/.test(path)) kind = /\.log$/.test(path) ? 'storage .log' : 'storage other';
     else if (/File System/.test(path)) kind = /Paths/.test(path) ? 'opfs Paths db' : /Origins/.test(path) ? 'opfs Origins db' : 'opfs file';
     else if (/\/$|^\/tmp\/[^.]*$/.test(path)) kind = 'directory';
@@ -147,7 +150,7 @@ function countSyncs(text, from, to) {
  * syncsPerWrite, writeMs}}.
  */
 export async function runSyncCount({ storages = ['idb', 'storage', 'opfs'], writeMs = 5000, bytes = 1024, dir,
-  keep = false, extension = PROBE, say = (l) => process.stderr.write(`${l}\n`) } = {}) {
+  keep = false, extension = PROBE, browser: browserName = 'chromium', say = (l) => process.stderr.write(`${l}\n`) } = {}) {
   const base = dir ?? await mkdtemp(join(tmpdir(), 'outbox-syncs-'));
   const results = {};
   for (const storage of storages) {
@@ -163,10 +166,18 @@ export async function runSyncCount({ storages = ['idb', 'storage', 'opfs'], writ
       const workload = await prepareWorkload({ source: extension, out: join(sub, 'extension'), collector: collector.url });
       const trace = join(sub, 'strace.txt');
       collector.cycle = 1;
-      const booted = once(collector, 'writing', () => true, 30_000);
-      const browser = await launchChromium({ profile: join(sub, 'profile'), extension: workload.dir,
-        logPath: join(sub, 'chromium.log'),
-        wrap: ['strace', '-f', '-qq', '-ttt', '-y', '-e', 'trace=fsync,fdatasync,sync_file_range,msync', '-o', trace] });
+      const booted = once(collector, 'writing', () => true, 60_000);
+      const wrap = ['strace', '-f', '-qq', '-ttt', '-y', '-e', 'trace=fsync,fdatasync,sync_file_range,msync', '-o', trace];
+      let browser;
+      if (browserName === 'firefox') {
+        const addonId = workload.manifest.browser_specific_settings.gecko.id;
+        const xpi = await buildXpi({ dir: workload.dir, out: join(sub, 'workload.xpi') });
+        await prepareFirefoxProfile({ profile: join(sub, 'profile'), xpi, addonId, uuid: '6c1f6c2e-1b51-4d33-9a51-0c0ffee0c0de' });
+        browser = await launchFirefox({ profile: join(sub, 'profile'), logPath: join(sub, 'firefox.log'), wrap });
+      } else {
+        browser = await launchChromium({ profile: join(sub, 'profile'), extension: workload.dir,
+          logPath: join(sub, 'chromium.log'), wrap });
+      }
       try {
         if (!await booted) throw new Error(`${storage}: the workload did not start writing`);
         await sleep(500);
@@ -188,5 +199,5 @@ export async function runSyncCount({ storages = ['idb', 'storage', 'opfs'], writ
     }
   }
   if (!keep && !dir) await rm(base, { recursive: true, force: true });
-  return { experiment: 'syncs', writeMs, bytes, dir: base, results };
+  return { experiment: 'syncs', browser: browserName, writeMs, bytes, dir: base, results };
 }
