@@ -100,6 +100,7 @@ function compactForensics(scan) {
         + `${log.corrupt ? `:corrupt@${log.corrupt.offset}` : ''}`;
     });
     if (info.notable.length) out[`${store}.LOG`] = info.notable.slice(0, 5);
+    if (info.lost) out[`${store}.lost`] = info.lost;
   }
   return { logs: out, torn: [...new Set(torn)], corrupt: [...new Set(corrupt)] };
 }

@@ -82,7 +82,10 @@ export async function scanLevelDb(dir) {
   const info = await readFile(join(dir, 'LOG'), 'utf8').catch(() => '');
   const notable = info.split('\n').filter((line) => /corrupt|error|repair|checksum|delet(e|ing) (db|database)|lost/i.test(line)
     && !/Delete type=/.test(line));
-  return { logs, ldb: names.filter((n) => n.endsWith('.ldb')).length, notable };
+  // RepairDB (which Chromium's extension value store runs when an open fails) moves what it
+  // could not keep into lost/.
+  const lost = names.includes('lost') ? (await readdir(join(dir, 'lost')).catch(() => [])).length : 0;
+  return { logs, ldb: names.filter((n) => n.endsWith('.ldb')).length, notable, lost };
 }
 
 /**
