@@ -50,10 +50,18 @@ function invalid(why) {
  *   accept      optional (request, sender) => boolean, a last check of each request (for
  *               example that its entity belongs to the page the sender is on)
  *
+ * and `backup`: where the second copy of the pending ops lives, so that a database the
+ * browser drops after a crash is rebuilt (docs/DELIVERY.md). By default `chrome.storage.local`
+ * (the manifest needs the "storage" permission; "unlimitedStorage" lifts its 10 MB quota);
+ * `false` keeps no copy. The copy holds what the queue holds, so `storage.local` is closed to
+ * content scripts where the browser can do it (Chrome's `setAccessLevel`); `storageAccess:
+ * 'all'` leaves it open, for an extension whose content scripts read `storage.local` itself.
+ *
  * Returns a promise of the `Outbox`.
  */
 export function startOutbox(options) {
-  const { contentScripts, ...config } = options ?? {};
+  const { contentScripts, storageAccess = 'trusted', backup = storageLocalBackup(options?.database ?? 'outbox', storageAccess),
+    ...config } = options ?? {};
   const policy = contentScriptPolicy(contentScripts);
   const ports = new Set();
   const tabs = new TabLedger();
@@ -64,7 +72,7 @@ export function startOutbox(options) {
 
   const ready = (async () => {
     await init({ module_or_path: new URL('./pkg/outbox_bg.wasm', import.meta.url) });
-    const outbox = await Outbox.open({ ...config, schedule });
+    const outbox = await Outbox.open({ ...config, schedule, ...(backup && { backup }) });
     for (const name of Outbox.eventNames()) outbox.on(name, (event) => fanOut(name, event));
     return outbox;
   })();
@@ -252,6 +260,41 @@ export function startOutbox(options) {
     syncRegistered = true;
     globalThis.registration.sync.register(SYNC_TAG).catch(() => { syncRegistered = false; });
   }
+}
+
+/**
+ * The second copy in `chrome.storage.local`: a LevelDB of its own, which Chromium did not lose
+ * in any of the kills that made it drop the extension's IndexedDB (tests/killloop/FINDINGS.md).
+ * One entry per op, under `outbox:<database>:`, so a write costs one small record.
+ */
+function storageLocalBackup(database, access) {
+  const area = ext.storage?.local;
+  if (!area) {
+    console.warn('outbox: no chrome.storage.local (add the "storage" permission): no second copy is kept');
+    return undefined;
+  }
+  if (access !== 'all') {
+    // Chrome only (Firefox offers it for storage.session alone): there, content scripts can
+    // read the copy, which docs/SECURITY.md says.
+    Promise.resolve(area.setAccessLevel?.({ accessLevel: 'TRUSTED_CONTEXTS' }))
+      .catch((error) => console.warn('outbox: could not close storage.local to content scripts', error));
+  }
+  const prefix = `outbox:${database}:`;
+  return {
+    async get(names) {
+      const found = await area.get(names === null ? null : names.map((name) => prefix + name));
+      const entries = {};
+      for (const [name, value] of Object.entries(found)) {
+        if (name.startsWith(prefix) && typeof value === 'string') entries[name.slice(prefix.length)] = value;
+      }
+      return entries;
+    },
+    async write(put, remove) {
+      const names = Object.keys(put);
+      if (names.length) await area.set(Object.fromEntries(names.map((name) => [prefix + name, put[name]])));
+      if (remove.length) await area.remove(remove.map((name) => prefix + name));
+    },
+  };
 }
 
 /** Checks `contentScripts` and fills in the least-privilege defaults. */

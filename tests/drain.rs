@@ -12,7 +12,7 @@ use outbox::core::{
     Breaker, Config, ConflictOutcome, ConflictPolicy, DeadCause, Event, KindPolicy, Op, OpId,
     Priority, Refusal, Resolution, SendMode,
 };
-use sim::{Fault, Outcome, POISON_KIND, RetryAfterForm, Sim, draft};
+use sim::{Ending, Fault, Outcome, POISON_KIND, RetryAfterForm, Sim, draft};
 
 fn with_kind(mut config: Config, kind: &str, conflict: ConflictPolicy, coalesce: bool) -> Config {
     config
@@ -902,4 +902,34 @@ fn own_queued_changes_never_conflict_only_other_clients_do() {
     sim.enqueue(stale).unwrap();
     sim.deliver_all();
     assert_eq!(sim.store.conflicts().count(), 1);
+}
+
+#[test]
+fn a_rebuilt_head_whose_predecessor_was_lost_is_relinked_to_the_servers_last() {
+    let mut sim = Sim::new(Config::default(), 41);
+    sim.out_of_order_expected = true;
+    sim.server.down = true;
+    let lost = sim
+        .enqueue(draft(Some("pr/1"), "comment", r#"{"a":1}"#))
+        .unwrap();
+    let kept = sim
+        .enqueue(draft(Some("pr/1"), "comment", r#"{"b":1}"#))
+        .unwrap();
+    sim.deliver_all();
+    // The copy write of the first op was lost with a crash, and then the database went.
+    sim.forget_in_copy(lost.seq);
+    sim.server.down = false;
+    sim.lose_database();
+    assert_eq!(
+        stored(&sim, kept.seq).prev,
+        lost.seq,
+        "the head keeps its prev"
+    );
+    run_until(&mut sim, 50, |s| delivered(s, kept.id).is_some());
+    assert_eq!(
+        sim.server.out_of_order, 1,
+        "answered out_of_order once, then relinked"
+    );
+    assert_eq!(sim.applied_seqs(), [kept.seq]);
+    assert_eq!(sim.ledger.entry(lost.id).ending, Some(Ending::Lost));
 }

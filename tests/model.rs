@@ -454,6 +454,9 @@ fn delivery_contract_holds_under_random_faults() {
         assert!(total.concurrent > 0, "two sessions never drained at once");
         assert!(total.vanished > 0, "no lease ever caught a change");
         assert!(total.progress_checks > 0, "liveness was never checked");
-        assert!(total.rebuilds > 0, "the database was never lost and rebuilt");
+        assert!(
+            total.rebuilds > 0,
+            "the database was never lost and rebuilt"
+        );
     }
 }

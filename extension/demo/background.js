@@ -73,6 +73,10 @@ async function demo(message, sender) {
     (await outbox).wake('auth');
     return {};
   }
+  if (message.demo === 'reviewer' && role) {
+    const { reviewer } = await ext.storage.local.get('reviewer');
+    return { reviewer: reviewer ?? config.reviewer };
+  }
   if (message.demo === 'entity' && role) {
     // The PR page asks for the version it is looking at (the base of its approvals). The token
     // lives here, so the background reads it; a page may read only its own PR.

@@ -25,8 +25,13 @@ badge.style.cssText = 'position:fixed;right:12px;bottom:12px;padding:6px 10px;bo
   + 'background:#24292f;color:#fff;font:12px system-ui;z-index:9999';
 document.body.append(badge);
 
+// Who the reviewer is, as the background says (content scripts cannot read storage.local,
+// which holds the outbox's copy of the queue).
+let reviewerName = null;
 async function reviewer() {
-  return (await ext.storage.local.get('reviewer')).reviewer ?? config.reviewer;
+  reviewerName ??= ext.runtime.sendMessage({ demo: 'reviewer' })
+    .then((reply) => (reply?.ok ? reply.reviewer : config.reviewer), () => config.reviewer);
+  return reviewerName;
 }
 
 async function record(kind, payload, extra = {}) {

@@ -65,7 +65,8 @@ impl CopyWrite {
 
     /// Adds `other`'s changes after this one's.
     pub fn extend(&mut self, other: CopyWrite) {
-        self.remove.retain(|seq| !other.put.iter().any(|c| c.op.seq == *seq));
+        self.remove
+            .retain(|seq| !other.put.iter().any(|c| c.op.seq == *seq));
         self.put.retain(|c| !other.remove.contains(&c.op.seq));
         self.put.extend(other.put);
         self.remove.extend(other.remove);
@@ -188,6 +189,72 @@ pub fn rebuild(meta: CopyMeta, mut copied: Vec<CopiedOp>, now: Millis) -> Rebuil
     }
 }
 
+/// What the application is told when a context found the database lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[cfg_attr(target_arch = "wasm32", derive(tsify::Tsify))]
+pub enum IncidentCode {
+    /// The database was lost and the queue rebuilt from the copy.
+    StorageRecovered,
+    /// The database was lost and (some of) its pending ops with it.
+    StorageLost,
+}
+
+/// The last time a context found the database lost, kept in the database (and shown by
+/// `stats()`) so the application can tell its user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[cfg_attr(target_arch = "wasm32", derive(tsify::Tsify))]
+pub struct Incident {
+    /// What happened.
+    pub code: IncidentCode,
+    /// When it was found.
+    pub at: Millis,
+    /// Pending ops rebuilt from the copy.
+    pub recovered: u64,
+    /// Pending ops the copy's record counted and it did not hold: lost.
+    pub lost: u64,
+}
+
+impl Incident {
+    /// The incident a rebuild makes: recovered, unless the copy lacked some of what was pending.
+    pub fn of_rebuild(rebuilt: &Rebuilt, at: Millis) -> Incident {
+        Incident {
+            code: match rebuilt.missing {
+                0 => IncidentCode::StorageRecovered,
+                _ => IncidentCode::StorageLost,
+            },
+            at,
+            recovered: rebuilt.ops.len() as u64,
+            lost: rebuilt.missing,
+        }
+    }
+
+    /// The incident of a copy whose queue is gone ([`Start::Orphaned`]).
+    pub fn of_orphan(meta: &CopyMeta, at: Millis) -> Incident {
+        Incident {
+            code: IncidentCode::StorageLost,
+            at,
+            recovered: 0,
+            lost: meta.pending,
+        }
+    }
+
+    /// The message of its `error` event.
+    pub fn message(&self) -> String {
+        match self.code {
+            IncidentCode::StorageRecovered => format!(
+                "the browser dropped the queue's database; {} pending ops were rebuilt from the second copy",
+                self.recovered
+            ),
+            IncidentCode::StorageLost => format!(
+                "the browser dropped the queue's database; {} pending ops could not be recovered ({} were)",
+                self.lost, self.recovered
+            ),
+        }
+    }
+}
+
 /// The copy's entry name for an op.
 pub fn op_entry(seq: u64) -> String {
     format!("op:{seq}")
@@ -262,16 +329,30 @@ mod tests {
         let seqs: Vec<u64> = rebuilt.ops.iter().map(|o| o.seq).collect();
         assert_eq!(seqs, [7, 8, 9, 11, 12]);
         let by_seq = |s: u64| rebuilt.ops.iter().find(|o| o.seq == s).unwrap();
-        assert_eq!((by_seq(7).prev, by_seq(7).next_attempt_at), (3, Some(1_000)), "head keeps prev");
+        assert_eq!(
+            (by_seq(7).prev, by_seq(7).next_attempt_at),
+            (3, Some(1_000)),
+            "head keeps prev"
+        );
         assert_eq!((by_seq(9).prev, by_seq(9).next_attempt_at), (7, None));
         assert_eq!((by_seq(12).prev, by_seq(12).next_attempt_at), (9, None));
-        assert_eq!(by_seq(8).next_attempt_at, Some(1_000), "unordered ops are due");
+        assert_eq!(
+            by_seq(8).next_attempt_at,
+            Some(1_000),
+            "unordered ops are due"
+        );
         assert_eq!(by_seq(11).next_attempt_at, Some(1_000));
         for rebuilt_op in &rebuilt.ops {
             let original = &ops.iter().find(|c| c.op.seq == rebuilt_op.seq).unwrap().op;
-            assert_eq!(rebuilt_op.id, original.id, "same id: the server deduplicates");
+            assert_eq!(
+                rebuilt_op.id, original.id,
+                "same id: the server deduplicates"
+            );
             assert_eq!((rebuilt_op.attempts, rebuilt_op.failures), (0, 0));
-            assert_eq!((rebuilt_op.last_error.as_ref(), rebuilt_op.solo), (None, false));
+            assert_eq!(
+                (rebuilt_op.last_error.as_ref(), rebuilt_op.solo),
+                (None, false)
+            );
         }
         assert_eq!(rebuilt.counters.pending, 5);
         assert_eq!(rebuilt.counters.next_seq, 13);
@@ -288,14 +369,20 @@ mod tests {
         let ops = vec![copied(op(7, 0, Some("a"))), copied(op(12, 9, Some("a")))];
         let rebuilt = rebuild(meta(13, 3), ops, 0);
         let last = rebuilt.ops.iter().find(|o| o.seq == 12).unwrap();
-        assert_eq!(last.prev, 7, "linked to the op before it that the copy holds");
+        assert_eq!(
+            last.prev, 7,
+            "linked to the op before it that the copy holds"
+        );
         assert_eq!(rebuilt.missing, 1);
     }
 
     #[test]
     fn the_next_seq_never_goes_back_below_what_the_copy_saw() {
         let rebuilt = rebuild(meta(500, 0), vec![copied(op(7, 0, None))], 0);
-        assert_eq!(rebuilt.counters.next_seq, 500, "seqs up to 499 may be on the server");
+        assert_eq!(
+            rebuilt.counters.next_seq, 500,
+            "seqs up to 499 may be on the server"
+        );
         let rebuilt = rebuild(meta(3, 1), vec![copied(op(7, 0, None))], 0);
         assert_eq!(rebuilt.counters.next_seq, 8);
     }

@@ -720,7 +720,8 @@ pub fn decide(
             match last.filter(|&last| last < op.prev) {
                 Some(last) => {
                     op.prev = last;
-                    op.last_error = Some(format!("{error}; relinked to the server's last seq {last}"));
+                    op.last_error =
+                        Some(format!("{error}; relinked to the server's last seq {last}"));
                     op.next_attempt_at = Some(now);
                     Decision {
                         write: update(op),
@@ -730,12 +731,18 @@ pub fn decide(
                 }
                 // Without the server's last (or with one at or past `prev`, which contradicts
                 // it), retry like a server failure.
-                None => reschedule(config, rng, now, op, Reschedule {
-                    counts: true,
-                    floor: 0,
-                    soon: false,
-                    error,
-                }),
+                None => reschedule(
+                    config,
+                    rng,
+                    now,
+                    op,
+                    Reschedule {
+                        counts: true,
+                        floor: 0,
+                        soon: false,
+                        error,
+                    },
+                ),
             }
         }
         Verdict::Isolate => {

@@ -362,8 +362,13 @@ mod tests {
             }
         );
         assert!(matches!(
-            one(425, None, "").0,
-            Verdict::Retry { counts: true, .. }
+            one(
+                425,
+                None,
+                r#"{"type":"https://outbox.dev/problems/out-of-order","last":4}"#
+            )
+            .0,
+            Verdict::OutOfOrder { last: Some(4), .. }
         ));
         assert!(matches!(one(401, None, "").0, Verdict::Pause { .. }));
         for status in [400, 403, 404, 413, 422] {
@@ -461,7 +466,10 @@ mod tests {
                 status: Some(422)
             }
         );
-        assert!(matches!(c.verdicts[2], Verdict::Retry { counts: true, .. }));
+        assert!(matches!(
+            c.verdicts[2],
+            Verdict::OutOfOrder { last: Some(1), .. }
+        ));
         assert_eq!(
             c.verdicts[3],
             Verdict::Conflict {

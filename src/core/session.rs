@@ -108,10 +108,12 @@ pub enum Input {
         /// Whether the health endpoint answered `2xx`.
         healthy: bool,
     },
-    /// The answer to [`Action::Finish`]: how many ops are still pending.
+    /// The answer to [`Action::Finish`]: how many ops are still pending, and the next `seq`.
     Finished {
         /// Pending ops.
         pending: u64,
+        /// The `seq` the next op gets.
+        next_seq: u64,
     },
     /// A blocking action failed (the store): the session ends here. The store keeps
     /// everything; the leases of ops in flight bring them back.
@@ -168,6 +170,13 @@ pub enum Action {
     Emit(Event),
     /// Write these changes to the second copy (see [`copy`](super::copy)); nothing waits for it.
     WriteCopy(CopyWrite),
+    /// Remove from the second copy every op entry below `below`: the queue is empty, so such
+    /// entries are finished ops whose removal was lost with a crash. (Ops enqueued meanwhile get
+    /// a `seq` of at least `below`.) Nothing waits for it.
+    SweepCopy {
+        /// Entries of ops with a lower `seq` go.
+        below: u64,
+    },
     /// Set the durable wake-up (`chrome.alarms` through the `schedule` hook) to this time, or
     /// clear it: it replaces whatever was set.
     Schedule(Option<Millis>),
@@ -268,6 +277,8 @@ pub struct Session {
     flushes_running: u64,
     /// The in-memory timer between sessions: the last drainer's next wake.
     timer: Option<Millis>,
+    /// Whether this context has swept the copy of stale entries.
+    copy_swept: bool,
     now: Millis,
 }
 
@@ -290,6 +301,7 @@ impl Session {
             flushes_taken: 0,
             flushes_running: 0,
             timer: None,
+            copy_swept: false,
             now: 0,
         }
     }
@@ -545,8 +557,15 @@ impl Session {
                 }
                 phase
             }
-            (Phase::Ending { next_wake }, Input::Finished { pending }) => {
+            (Phase::Ending { next_wake }, Input::Finished { pending, next_seq }) => {
                 self.timer = next_wake;
+                // Once per context: a crash can have left removals undone, and an empty queue
+                // says which entries are stale without reading the store.
+                if pending == 0 && !self.copy_swept {
+                    self.copy_swept = true;
+                    self.actions
+                        .push_back(Action::SweepCopy { below: next_seq });
+                }
                 let heartbeat = (pending > 0).then(|| now + HEARTBEAT_MS);
                 self.actions
                     .push_back(Action::Schedule(next_wake.or(heartbeat)));
@@ -870,6 +889,7 @@ mod tests {
                         self.log.push("finish".into());
                         Some(Input::Finished {
                             pending: self.store.counters_record().pending,
+                            next_seq: self.store.counters_record().next_seq,
                         })
                     }
                     Action::Schedule(at) => {
@@ -889,7 +909,7 @@ mod tests {
                         self.log.push("broadcast".into());
                         None
                     }
-                    Action::Probe | Action::WriteCopy(_) => None,
+                    Action::Probe | Action::WriteCopy(_) | Action::SweepCopy { .. } => None,
                     Action::Ended { .. } => {
                         self.log.push("ended".into());
                         None

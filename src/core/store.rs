@@ -18,7 +18,7 @@
 use super::admit::{Refusal, admit, validate_key};
 use super::breaker::Breaker;
 use super::config::Config;
-use super::copy::{CopiedOp, Copied, CopyWrite, Rebuilt};
+use super::copy::{Copied, CopiedOp, CopyWrite, Rebuilt};
 use super::op::{Draft, Op, OpId};
 use super::records::{
     Counters, DeadCause, DeadLetter, KeyRecord, ParkedConflict, Receipt, Resolution, fingerprint,

@@ -7,6 +7,7 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::future_to_promise;
 
+use super::backup::Backup;
 use super::error::{Error, JsError, Result, js_error};
 use super::idb::Durability;
 use super::platform::{now, random_id};
@@ -17,6 +18,7 @@ use super::transport::Transport;
 use super::views::{
     BeaconView, BreakerState, ConflictView, DeadLetterView, QueuedOp, ReceiptView, StatsView, to_js,
 };
+use crate::core::copy::{self, CopiedOp, CopyWrite, Incident, Start};
 use crate::core::store::{self as queue, CallKey, QueueTxn};
 use crate::core::{
     Breaker, Config, Draft, Event, OpId, Priority, Receipt, Refusal, Resolution, WakeReason,
@@ -45,6 +47,8 @@ export interface OutboxConfig extends Config {
   auth?: () => Record<string, string> | null | Promise<Record<string, string> | null>;
   /** Called with the time of the next wake-up (ms since epoch), or null for none; map it to chrome.alarms. */
   schedule?: (atMs: number | null) => void;
+  /** Where to keep a second copy of every pending op, so a database the browser drops is rebuilt (docs/DELIVERY.md). The extension glue gives `chrome.storage.local`. */
+  backup?: Backup;
 }
 /** Options of the calls that change a dead letter or a conflict: a key makes a repeated call return the first answer. */
 export interface CallOptions { key?: string }
@@ -115,12 +119,19 @@ impl Outbox {
             let config = shared.config();
             let at = now();
             let key = key.as_deref().map(|key| CallKey { key, now: at });
+            let copying = shared.copying();
+            let started = &copying;
             let receipt = shared
                 .store
                 .write(Durability::Strict, async move |t| {
-                    queue::enqueue(t, config, draft, id, key, at).await
+                    let queued = queue::enqueue(t, config, draft, id, key, at).await?;
+                    // The copy is written while IndexedDB commits, not after: both are done
+                    // before the caller hears.
+                    started.start(&queued.copy);
+                    Ok(queued.value)
                 })
                 .await;
+            copying.finish(receipt.is_ok()).await;
             let receipt = match receipt {
                 Err(Error::Refused(Refusal::QueueFull { limit, max })) => {
                     shared.emit(&Event::QueueFull {
@@ -269,12 +280,17 @@ impl Outbox {
             let config = shared.config();
             let at = now();
             let key = key.as_deref().map(|key| CallKey { key, now: at });
+            let copying = shared.copying();
             let receipt = shared
                 .store
                 .write(Durability::Strict, async |t| {
-                    queue::retry_dead_letter(t, config, id, fresh, key, at).await
+                    let queued = queue::retry_dead_letter(t, config, id, fresh, key, at).await?;
+                    copying.start(&queued.copy);
+                    Ok(queued.value)
                 })
-                .await?;
+                .await;
+            copying.finish(receipt.is_ok()).await;
+            let receipt = receipt?;
             queued(&shared, &receipt)
         })
     }
@@ -339,12 +355,18 @@ impl Outbox {
             let config = shared.config();
             let at = now();
             let key = key.as_deref().map(|key| CallKey { key, now: at });
+            let copying = shared.copying();
             let receipt = shared
                 .store
                 .write(Durability::Strict, async |t| {
-                    queue::resolve_conflict(t, config, id, resolution, fresh, key, at).await
+                    let queued =
+                        queue::resolve_conflict(t, config, id, resolution, fresh, key, at).await?;
+                    copying.start(&queued.copy);
+                    Ok(queued.value)
                 })
-                .await?;
+                .await;
+            copying.finish(receipt.is_ok()).await;
+            let receipt = receipt?;
             match receipt {
                 Some(receipt) => queued(&shared, &receipt),
                 None => Ok(JsValue::NULL),
@@ -452,6 +474,7 @@ async fn open(config: JsValue) -> Result<Outbox> {
             .map_err(|_| Error::InvalidConfig(format!("{name} must be a function")))
     };
     let auth = function("auth", take("auth"))?;
+    let backup_option = take("backup");
     let schedule = function("schedule", take("schedule"))?;
     // Through JSON text rather than serde-wasm-bindgen, which reads only the fields it knows
     // and so cannot report a misspelled one.
@@ -466,28 +489,12 @@ async fn open(config: JsValue) -> Result<Outbox> {
         })?;
     config.validate().map_err(|e| Error::InvalidConfig(e.0))?;
 
+    let backup = Backup::from_option(backup_option)?;
     let db = schema::open(&database).await?;
     let store = Store::new(db.clone());
-    // Most opens find the client id stored: a read-only look avoids a strict commit per start.
-    let known = store.read(async |t| t.client().await).await?;
-    let client = match known {
-        Some(client) => client,
-        // Checked again inside the write: another context may have stored one meanwhile.
-        None => {
-            store
-                .write(Durability::Strict, async |t| match t.client().await? {
-                    Some(client) => Ok(client),
-                    None => {
-                        let client = random_id()?;
-                        t.put_client(client)?;
-                        Ok(client)
-                    }
-                })
-                .await?
-        }
-    };
+    let (client, incident) = open_queue(&store, backup.as_ref()).await?;
     let transport = Transport::new(endpoint, client, config.request_timeout_ms, auth);
-    let shared = Shared::new(database, store, config, transport, schedule)?;
+    let shared = Shared::new(database, store, config, transport, schedule, backup)?;
     // A newer version of the extension is upgrading the database: step aside, or it waits.
     let weak = Rc::downgrade(&shared);
     let on_version_change = Closure::<dyn Fn()>::new(move || {
@@ -505,8 +512,101 @@ async fn open(config: JsValue) -> Result<Outbox> {
     });
     db.set_onclose(Some(on_close.as_ref().unchecked_ref()));
     shared.keep_database_handler(on_close);
+    if let Some(incident) = incident {
+        shared.report_incident(incident);
+    }
     shared.spawn_wake(WakeReason::Start);
     Ok(Outbox { shared })
+}
+
+/// The client id to deliver as, and the storage incident found on the way: the database's own
+/// queue, or the queue rebuilt from the second copy after the browser dropped the database, as
+/// [`copy::start`] decides.
+async fn open_queue(store: &Store, backup: Option<&Backup>) -> Result<(OpId, Option<Incident>)> {
+    // Most opens find the client id stored: a read-only look avoids a strict commit per start.
+    let known = store.read(async |t| t.client().await).await?;
+    let Some(backup) = backup else {
+        return Ok((client_of(store, known).await?, None));
+    };
+    let meta = backup.meta().await?;
+    let at = now();
+    match copy::start(known, meta) {
+        Start::Intact => Ok((known.expect("intact means a client"), None)),
+        Start::Fresh | Start::Seed => {
+            let client = client_of(store, known).await?;
+            seed(store, backup, client).await?;
+            Ok((client, None))
+        }
+        Start::Rebuild(meta) => {
+            let rebuilt = copy::rebuild(meta, backup.ops().await?, at);
+            let incident = Incident::of_rebuild(&rebuilt, at);
+            // Checked again inside the write: another context may have rebuilt it meanwhile.
+            let restored = store
+                .write(Durability::Strict, async |t| match t.client().await? {
+                    Some(client) => Ok((client, false)),
+                    None => {
+                        t.put_client(rebuilt.client)?;
+                        queue::restore(t, &rebuilt).await?;
+                        t.put_incident(&incident)?;
+                        Ok((rebuilt.client, true))
+                    }
+                })
+                .await?;
+            let (client, rebuilt_here) = restored;
+            if !rebuilt_here {
+                return Ok((client, None));
+            }
+            // The record now counts what the rebuilt queue holds.
+            let record = CopyWrite {
+                counters: Some(rebuilt.counters),
+                ..CopyWrite::default()
+            };
+            backup.write(client, &record).await?;
+            Ok((client, Some(incident)))
+        }
+        Start::Orphaned(meta) => {
+            let client = client_of(store, known).await?;
+            let incident = Incident::of_orphan(&meta, at);
+            store
+                .write(Durability::Strict, async |t| t.put_incident(&incident))
+                .await?;
+            backup.clear().await?;
+            seed(store, backup, client).await?;
+            Ok((client, Some(incident)))
+        }
+    }
+}
+
+/// The stored client id, or a new one stored.
+async fn client_of(store: &Store, known: Option<OpId>) -> Result<OpId> {
+    if let Some(client) = known {
+        return Ok(client);
+    }
+    // Checked again inside the write: another context may have stored one meanwhile.
+    store
+        .write(Durability::Strict, async |t| match t.client().await? {
+            Some(client) => Ok(client),
+            None => {
+                let client = random_id()?;
+                t.put_client(client)?;
+                Ok(client)
+            }
+        })
+        .await
+}
+
+/// Copies every pending op and the counters into a copy that has none of them.
+async fn seed(store: &Store, backup: &Backup, client: OpId) -> Result<()> {
+    let (ops, counters) = store.read(async |t| t.all_ops().await).await?;
+    let copy = CopyWrite {
+        put: ops
+            .into_iter()
+            .map(|op| CopiedOp { op, key: None })
+            .collect(),
+        remove: Vec::new(),
+        counters: Some(counters),
+    };
+    backup.write(client, &copy).await
 }
 
 /// Checks the endpoint: an `https://` URL, or `http://` to a loopback host only (a test server
@@ -581,6 +681,8 @@ async fn stats(shared: &Shared) -> Result<JsValue> {
                 until: None,
             },
         },
+        copy: shared.backup.is_some(),
+        incident: snapshot.incident,
     })
 }
 

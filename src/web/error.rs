@@ -107,6 +107,11 @@ pub enum ErrorCode {
     Unavailable,
     /// From the extension glue: the sender may not make this call (docs/SECURITY.md).
     Forbidden,
+    /// An `error` event: the browser dropped the database and the queue was rebuilt from the
+    /// second copy (`stats().incident` says how many ops).
+    StorageRecovered,
+    /// An `error` event: the browser dropped the database and pending ops were lost with it.
+    StorageLost,
     /// A bug: the module panicked.
     Panic,
 }
@@ -127,6 +132,8 @@ impl ErrorCode {
             ErrorCode::Unsupported => "UNSUPPORTED",
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::Forbidden => "FORBIDDEN",
+            ErrorCode::StorageRecovered => "STORAGE_RECOVERED",
+            ErrorCode::StorageLost => "STORAGE_LOST",
             ErrorCode::Panic => "PANIC",
         }
     }

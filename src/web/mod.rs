@@ -6,6 +6,7 @@
 //! through `globalThis`.
 
 pub mod api;
+pub mod backup;
 pub mod error;
 pub mod idb;
 pub mod platform;

@@ -5,7 +5,7 @@
 //! | `ops` | `seq` | `by_due` on `next_attempt_at`; `by_entity` on `[entity, seq]` | pending ops |
 //! | `dead_letters` | `id` | | ops delivery gave up on |
 //! | `conflicts` | `id` | | ops parked by the `manual` policy |
-//! | `meta` | out of line | | `client`, `counters`, `breaker`, `paused`, `refused` |
+//! | `meta` | out of line | | `client`, `counters`, `breaker`, `paused`, `refused`, `incident` |
 //! | `keys` | `key` | `by_at` on `at` | callers' idempotency keys and the answers they got |
 //!
 //! A record is its JSON text in `json`, beside copies of the fields that keys and indexes name
@@ -68,6 +68,8 @@ pub const META_BREAKER: &str = "breaker";
 pub const META_PAUSED: &str = "paused";
 /// Meta key of the checksum of the last refused credentials (never the credentials).
 pub const META_REFUSED: &str = "refused";
+/// Meta key of the last storage incident (the database found lost).
+pub const META_INCIDENT: &str = "incident";
 
 /// Brings the database from `old_version` to [`VERSION`]. Runs inside `upgradeneeded`.
 pub fn migrate(db: &IdbDatabase, old_version: u32) -> Result<(), JsValue> {

@@ -18,11 +18,14 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{BroadcastChannel, MessageEvent};
 
+use super::backup::Backup;
+use super::error::ErrorCode;
 use super::error::{Error, Result, js_error};
 use super::idb::Durability;
 use super::platform::{LockGrant, acquire_lock, now, random};
 use super::store::Store;
 use super::transport::{Transport, timer_ms};
+use crate::core::copy::{CopyWrite, Incident, IncidentCode};
 use crate::core::store::{QueueTxn, apply, lease};
 use crate::core::{
     Config, Event, Session, SessionAction, SessionInput, WakeReason, credentials_checksum,
@@ -96,6 +99,10 @@ pub struct Shared {
     pub schedule: Option<Function>,
     /// Event listeners.
     pub listeners: Listeners,
+    /// The second copy's storage, if the application gave one.
+    pub backup: Option<Backup>,
+    /// Whether a failure of the copy was reported already (once per context is enough).
+    copy_failed: Cell<bool>,
     session: RefCell<Session>,
     config: Config,
     driving: Cell<bool>,
@@ -119,6 +126,7 @@ impl Shared {
         config: Config,
         transport: Transport,
         schedule: Option<Function>,
+        backup: Option<Backup>,
     ) -> Result<Rc<Self>> {
         let session = Session::new(config.clone(), random()?);
         let shared = Rc::new(Shared {
@@ -127,6 +135,8 @@ impl Shared {
             transport,
             schedule,
             listeners: Listeners::default(),
+            backup,
+            copy_failed: Cell::new(false),
             session: RefCell::new(session),
             config,
             driving: Cell::new(false),
@@ -217,6 +227,40 @@ impl Shared {
         let js = js_error(error.code(), &error.to_string());
         web_sys::console::error_2(&"outbox:".into(), &js);
         self.listeners.dispatch("error", &js);
+    }
+
+    /// A copy write that failed: the op is safe in IndexedDB, but would not survive the
+    /// database being dropped. Reported once per context, not per op.
+    pub fn report_copy_failure(&self, error: &Error) {
+        if !self.copy_failed.replace(true) {
+            self.report(error);
+        }
+    }
+
+    /// Tells the application, shortly after `open` resolves (so that listeners added right
+    /// after it hear it), what happened to the database.
+    pub fn report_incident(self: &Rc<Self>, incident: Incident) {
+        let code = match incident.code {
+            IncidentCode::StorageRecovered => ErrorCode::StorageRecovered,
+            IncidentCode::StorageLost => ErrorCode::StorageLost,
+        };
+        let weak = Rc::downgrade(self);
+        gloo_timers::callback::Timeout::new(0, move || {
+            if let Some(this) = weak.upgrade() {
+                let error = js_error(code.as_str(), &incident.message());
+                web_sys::console::warn_2(&"outbox:".into(), &error);
+                this.listeners.dispatch("error", &error);
+            }
+        })
+        .forget();
+    }
+
+    /// A handle to write the second copy of one API call's transaction.
+    pub fn copying(&self) -> Copying<'_> {
+        Copying {
+            shared: self,
+            started: RefCell::new(None),
+        }
     }
 
     /// The browser closed the database under us (site data cleared, storage evicted, a backend
@@ -416,10 +460,37 @@ impl Shared {
                     .store
                     .write(Durability::Relaxed, async |t| apply(t, &writes, at).await)
                     .await;
-                Some(self.answer(stale.map(|stale| SessionInput::Persisted { stale })))
+                Some(self.answer(stale.map(|applied| SessionInput::Persisted {
+                    stale: applied.stale,
+                    copy: applied.copy,
+                })))
             }
             SessionAction::Emit(event) => {
                 self.emit(&event);
+                None
+            }
+            SessionAction::WriteCopy(copy) => {
+                if self.backup.is_some() {
+                    let this = self.clone();
+                    wasm_bindgen_futures::spawn_local(async move {
+                        let Some(backup) = &this.backup else { return };
+                        if let Err(error) = backup.write(this.transport.client(), &copy).await {
+                            this.report_copy_failure(&error);
+                        }
+                    });
+                }
+                None
+            }
+            SessionAction::SweepCopy { below } => {
+                if self.backup.is_some() {
+                    let this = self.clone();
+                    wasm_bindgen_futures::spawn_local(async move {
+                        let Some(backup) = &this.backup else { return };
+                        if let Err(error) = backup.sweep(below).await {
+                            this.report_copy_failure(&error);
+                        }
+                    });
+                }
                 None
             }
             SessionAction::Schedule(at) => {
@@ -427,14 +498,17 @@ impl Shared {
                 None
             }
             SessionAction::Finish { keys_before, limit } => {
-                let pending = self
+                let counters = self
                     .store
                     .write(Durability::Relaxed, async |t| {
                         t.purge_keys(keys_before, limit).await?;
-                        Ok(t.counters().await?.pending)
+                        t.counters().await
                     })
                     .await;
-                Some(self.answer(pending.map(|pending| SessionInput::Finished { pending })))
+                Some(self.answer(counters.map(|c| SessionInput::Finished {
+                    pending: c.pending,
+                    next_seq: c.next_seq,
+                })))
             }
             SessionAction::Ended { flushes } => {
                 self.waiters.borrow_mut().retain(|waiter| {
@@ -496,5 +570,56 @@ impl Shared {
         self.store.clear_handlers();
         drop(handlers.database);
         self.store.close();
+    }
+}
+
+/// The second copy of one API call's transaction: started inside it (so the copy is written
+/// while IndexedDB commits), finished after it.
+pub struct Copying<'a> {
+    shared: &'a Shared,
+    /// The write in progress, and the `seq`s it stores (to take back if the commit fails).
+    started: RefCell<Option<(Promise, Vec<u64>)>>,
+}
+
+impl Copying<'_> {
+    /// Starts writing `copy`, if there is a copy to keep.
+    pub fn start(&self, copy: &CopyWrite) {
+        let Some(backup) = &self.shared.backup else {
+            return;
+        };
+        if copy.is_empty() {
+            return;
+        }
+        match backup.start(self.shared.transport.client(), copy) {
+            Ok(promise) => {
+                let seqs = copy.put.iter().map(|c| c.op.seq).collect();
+                *self.started.borrow_mut() = Some((promise, seqs));
+            }
+            Err(error) => self.shared.report_copy_failure(&error),
+        }
+    }
+
+    /// Waits for the write. If the transaction did not commit, the ops it stored in the copy are
+    /// taken out again: a rebuild must not bring back an op its caller was told failed.
+    pub async fn finish(self, committed: bool) {
+        let Some((promise, seqs)) = self.started.take() else {
+            return;
+        };
+        let written = JsFuture::from(promise).await;
+        let Some(backup) = &self.shared.backup else {
+            return;
+        };
+        if let Err(error) = written {
+            self.shared.report_copy_failure(&Error::storage(error));
+        }
+        if !committed {
+            let undo = CopyWrite {
+                remove: seqs,
+                ..CopyWrite::default()
+            };
+            if let Err(error) = backup.write(self.shared.transport.client(), &undo).await {
+                self.shared.report_copy_failure(&error);
+            }
+        }
     }
 }

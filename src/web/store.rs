@@ -13,6 +13,7 @@ use web_sys::{
 use super::error::{Error, Result};
 use super::idb::{self, Durability, Pending, Txn};
 use super::schema::*;
+use crate::core::copy::Incident;
 use crate::core::records::KeyRecord;
 use crate::core::store::QueueTxn;
 use crate::core::{Breaker, Counters, DeadLetter, Millis, Op, OpId, ParkedConflict};
@@ -93,6 +94,8 @@ pub struct Snapshot {
     pub conflicts: u32,
     /// The earliest `next_attempt_at` of any head op.
     pub earliest_due: Option<Millis>,
+    /// The last storage incident.
+    pub incident: Option<Incident>,
 }
 
 /// A handle on one outbox database.
@@ -231,6 +234,19 @@ impl IdbTxn {
         Self::put(&self.meta, &encode(&client)?.into(), Some(META_CLIENT))
     }
 
+    /// Stores the last storage incident.
+    pub fn put_incident(&mut self, incident: &Incident) -> Result<()> {
+        Self::put(&self.meta, &encode(incident)?.into(), Some(META_INCIDENT))
+    }
+
+    /// Every pending op, in `seq` order, and the counters (to seed the second copy).
+    pub async fn all_ops(&mut self) -> Result<(Vec<Op>, Counters)> {
+        let counters = Self::issue_get(&self.meta, &META_COUNTERS.into())?;
+        let request = self.ops.get_all().map_err(Error::storage)?;
+        let ops = all(idb::wait(&request).await?)?;
+        Ok((ops, decode(counters.result().await?)?.unwrap_or_default()))
+    }
+
     /// The persisted breaker, pause flag, and checksum of the last refused credentials.
     pub async fn drainer_state(&mut self) -> Result<(Breaker, bool, Option<u32>)> {
         let breaker = Self::issue_get(&self.meta, &META_BREAKER.into())?;
@@ -252,6 +268,7 @@ impl IdbTxn {
         let client = Self::issue_get(&self.meta, &META_CLIENT.into())?;
         let breaker = Self::issue_get(&self.meta, &META_BREAKER.into())?;
         let paused = Self::issue_get(&self.meta, &META_PAUSED.into())?;
+        let incident = Self::issue_get(&self.meta, &META_INCIDENT.into())?;
         let dead = idb::issue(self.dead_letters.count().map_err(Error::storage)?);
         let parked = idb::issue(self.conflicts.count().map_err(Error::storage)?);
         let index = self.ops.index(BY_DUE).map_err(Error::storage)?;
@@ -267,6 +284,7 @@ impl IdbTxn {
             client: decode(client.result().await?)?,
             breaker: decode(breaker.result().await?)?.unwrap_or_default(),
             paused: decode(paused.result().await?)?.unwrap_or(false),
+            incident: decode(incident.result().await?)?,
             dead_letters: count(dead.result().await?),
             conflicts: count(parked.result().await?),
             earliest_due: match earliest.result().await? {

@@ -8,6 +8,7 @@ use serde_json::value::RawValue;
 use wasm_bindgen::JsValue;
 
 use super::error::{Error, JsError, Result};
+use crate::core::copy::Incident;
 use crate::core::{DeadCause, DeadLetter, Millis, Op, OpId, ParkedConflict, Priority, Receipt};
 
 /// A queued op as `pending()` lists it.
@@ -187,6 +188,10 @@ pub struct StatsView {
     pub in_flight: usize,
     /// The circuit breaker.
     pub breaker: BreakerState,
+    /// Whether a second copy of the pending ops is kept (the `backup` option).
+    pub copy: bool,
+    /// The last time the browser was found to have dropped the database, if ever.
+    pub incident: Option<Incident>,
 }
 
 /// The breaker as `stats()` shows it.

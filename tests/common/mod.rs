@@ -943,3 +943,182 @@ async fn a_beacon_carries_a_grant_for_its_own_op_and_never_the_token() {
         "the op has left the queue"
     );
 }
+
+/// A second-copy store in memory, with the `Backup` interface (`get`, `write`), and `entries()`
+/// for the test to look inside.
+fn memory_backup() -> JsValue {
+    let make = Function::new_no_args(
+        "const m = new Map();
+         return {
+           get: async (names) => Object.fromEntries(
+             names === null ? [...m] : names.filter((n) => m.has(n)).map((n) => [n, m.get(n)])),
+           write: async (put, remove) => {
+             for (const [k, v] of Object.entries(put)) m.set(k, v);
+             for (const k of remove) m.delete(k);
+           },
+           entries: () => Object.fromEntries(m),
+         };",
+    );
+    make.call0(&JsValue::NULL).unwrap()
+}
+
+fn backup_entries(backup: &JsValue) -> Value {
+    let entries: Function = Reflect::get(backup, &"entries".into())
+        .unwrap()
+        .unchecked_into();
+    js_to_json(&entries.call0(backup).unwrap())
+}
+
+async fn open_backed(database: &str, extra: Value, backup: &JsValue) -> Outbox {
+    let config = to_js(&extra);
+    let set = |k: &str, v: &JsValue| Reflect::set(&config, &k.into(), v).unwrap();
+    if Reflect::get(&config, &"endpoint".into())
+        .unwrap()
+        .is_undefined()
+    {
+        set("endpoint", &server().into());
+    }
+    set("database", &database.into());
+    set("auth", &Token::new("secret").hook());
+    set("backup", backup);
+    Outbox::connect(config)
+        .await
+        .unwrap_or_else(|e| panic!("open failed: {e}"))
+}
+
+/// What the browser does when it finds the database's files corrupt: deletes the database.
+async fn drop_database(name: &str) {
+    let factory = outbox::web::idb::factory().unwrap();
+    let request = factory.delete_database(name).unwrap();
+    outbox::web::idb::wait(&request).await.unwrap();
+}
+
+#[wasm_bindgen_test]
+async fn a_dropped_database_is_rebuilt_from_the_copy_and_every_op_delivered_once() {
+    let db = unique("dropped");
+    let backup = memory_backup();
+    let offline = json!({"endpoint": "http://127.0.0.1:9", "backoff": {"baseMs": 5, "capMs": 20}});
+    let outbox = open_backed(&db, offline.clone(), &backup).await;
+    let client = client_of(&outbox).await;
+    let first = enqueue(
+        &outbox,
+        json!({"entity": "doc/1", "kind": "edit", "payload": {"n": 1}}),
+    )
+    .await;
+    let keyed = json!({"entity": "doc/1", "kind": "edit", "payload": {"n": 2}, "key": "k-2"});
+    let second = enqueue(&outbox, keyed.clone()).await;
+    let third = enqueue(&outbox, json!({"kind": "note", "payload": {"n": 3}})).await;
+    assert_eq!(stats(&outbox).await["copy"], true);
+    ok(outbox.close()).await;
+    let copied = backup_entries(&backup);
+    assert_eq!(
+        copied.as_object().unwrap().len(),
+        4,
+        "three ops and the record: {copied}"
+    );
+
+    drop_database(&db).await;
+    let reopened = open_backed(&db, offline.clone(), &backup).await;
+    let errors = record(&reopened, "error");
+    eventually("the rebuild is reported", async || {
+        !errors.borrow().is_empty()
+    })
+    .await;
+    assert_eq!(errors.borrow()[0]["code"], "STORAGE_RECOVERED");
+    let after = stats(&reopened).await;
+    assert_eq!(
+        after["client"],
+        client.as_str(),
+        "the same client: the server deduplicates"
+    );
+    assert_eq!(after["incident"]["code"], "STORAGE_RECOVERED");
+    assert_eq!(
+        (
+            after["incident"]["recovered"].as_u64(),
+            after["incident"]["lost"].as_u64()
+        ),
+        (Some(3), Some(0))
+    );
+    let pending = ok(reopened.pending(None)).await;
+    let seqs: Vec<(&Value, &Value)> = pending
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|op| (&op["id"], &op["seq"]))
+        .collect();
+    assert_eq!(
+        seqs,
+        [
+            (&first["id"], &first["seq"]),
+            (&second["id"], &second["seq"]),
+            (&third["id"], &third["seq"])
+        ]
+    );
+    // The caller's key came back with its op: a late retry is still one op.
+    let retried = enqueue(&reopened, keyed).await;
+    assert_eq!(
+        (&retried["id"], &retried["replayed"]),
+        (&second["id"], &json!(true))
+    );
+    ok(reopened.close()).await;
+
+    let online = open_backed(&db, json!({}), &backup).await;
+    let next = enqueue(&online, json!({"kind": "note", "payload": {"n": 4}})).await;
+    assert!(
+        next["seq"].as_u64() > third["seq"].as_u64(),
+        "no seq is used twice"
+    );
+    ok(online.flush()).await;
+    eventually("every op is delivered", async || {
+        stats(&online).await["pending"] == 0
+    })
+    .await;
+    let log = server_log(&client).await;
+    let ids: Vec<&Value> = applied(&log).iter().map(|e| &e["id"]).collect();
+    assert_eq!(ids.len(), 4, "each op once: {log:?}");
+    for op in [&first, &second, &third, &next] {
+        assert!(ids.contains(&&op["id"]), "{op} was not applied: {log:?}");
+    }
+    let at = |op: &Value| ids.iter().position(|id| **id == op["id"]);
+    assert!(at(&first) < at(&second), "doc/1 in order");
+    eventually("the copy empties as ops are answered", async || {
+        backup_entries(&backup)
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| k == "meta")
+    })
+    .await;
+}
+
+#[wasm_bindgen_test]
+async fn a_dropped_database_whose_copy_lost_ops_too_is_reported_as_storage_lost() {
+    let db = unique("lost");
+    let backup = memory_backup();
+    let offline = json!({"endpoint": "http://127.0.0.1:9"});
+    let outbox = open_backed(&db, offline.clone(), &backup).await;
+    enqueue(&outbox, json!({"kind": "note", "payload": 1})).await;
+    enqueue(&outbox, json!({"kind": "note", "payload": 2})).await;
+    ok(outbox.close()).await;
+    drop_database(&db).await;
+    // The copy loses one of its op entries too.
+    let write: Function = Reflect::get(&backup, &"write".into())
+        .unwrap()
+        .unchecked_into();
+    let remove = js_sys::Array::of1(&"op:1".into());
+    JsFuture::from(Promise::from(
+        write.call2(&backup, &Object::new(), &remove).unwrap(),
+    ))
+    .await
+    .unwrap();
+    let reopened = open_backed(&db, offline, &backup).await;
+    let errors = record(&reopened, "error");
+    eventually("the loss is reported", async || !errors.borrow().is_empty()).await;
+    assert_eq!(errors.borrow()[0]["code"], "STORAGE_LOST");
+    let incident = stats(&reopened).await["incident"].clone();
+    assert_eq!(
+        (incident["recovered"].as_u64(), incident["lost"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(stats(&reopened).await["pending"], 1);
+}

@@ -91,6 +91,8 @@ test('security: a content script is refused everything but the kinds it may enqu
   assert.equal(report.calls['unknown method'].code, 'INVALID_ARGUMENT');
   assert.equal(report.calls['read another entity'].ok, false, 'a page reads only its own PR');
   assert.equal(report.calls['set the token'].ok, false, 'a page cannot set the token');
+  assert.equal(report.calls['read storage.local'].ok, false,
+    `the queue's copy is out of a content script's reach: ${JSON.stringify(report.calls['read storage.local'])}`);
   assert.equal(report.calls['enqueue allowed'].ok, true, JSON.stringify(report.calls['enqueue allowed']));
   assertNoSecret('what the content script received', report.received);
 

@@ -20,11 +20,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt::Write as _;
 
+use outbox::core::copy::{self, Copied, CopiedOp, CopyMeta, CopyWrite, Start};
 use outbox::core::memory::run_now;
 use outbox::core::retry_after::format_http_date;
 use outbox::core::store::{self, QueueTxn};
 use outbox::core::wire::{ClientId, encode_request};
-use outbox::core::copy::{self, CopiedOp, Copied, CopyMeta, CopyWrite, Start};
 use outbox::core::{
     Config, ConflictOutcome, Counters, DeadLetter, Draft, Event, MemoryStore, Millis, Op, OpId,
     ParkedConflict, Priority, Receipt, Refusal, Reply, RequestId, Resolution, Rng, SendMode,
@@ -609,6 +609,8 @@ pub enum Ending {
     Dropped,
     /// A `conflict` event with `parked`.
     Parked,
+    /// Lost with the database and missing from the copy (reported as `STORAGE_LOST`).
+    Lost,
 }
 
 /// One accepted op (one receipt).
@@ -824,7 +826,7 @@ impl Ledger {
                         return Err(format!("op seq {seq} parked without a record"));
                     }
                 }
-                (Some(Ending::Dropped), None) | (None, Some(_)) => {}
+                (Some(Ending::Dropped | Ending::Lost), None) | (None, Some(_)) => {}
             }
         }
         for chain in delivered_chains {
@@ -993,6 +995,8 @@ pub struct Sim {
     pub db_client: Option<ClientId>,
     /// Times the database was lost and the queue rebuilt from the copy.
     pub rebuilds: u64,
+    /// Whether an `out_of_order` answer is expected (a test that loses an op from the copy).
+    pub out_of_order_expected: bool,
     seed: u64,
     trace: VecDeque<String>,
     /// Keep at most this many trace lines.
@@ -1084,6 +1088,7 @@ impl Sim {
             }),
             db_client: Some(client),
             rebuilds: 0,
+            out_of_order_expected: false,
             seed,
             trace: VecDeque::new(),
             trace_len: 60,
@@ -1336,6 +1341,10 @@ impl Sim {
                 self.write_copy(copy);
                 None
             }
+            SessionAction::SweepCopy { below } => {
+                self.copy.retain(|&seq, _| seq >= below);
+                None
+            }
             SessionAction::Schedule(at) => {
                 self.alarm = at;
                 None
@@ -1344,6 +1353,7 @@ impl Sim {
                 expect_store(run_now(self.store.purge_keys(keys_before, limit)));
                 Some(SessionInput::Finished {
                     pending: self.store.counters_record().pending,
+                    next_seq: self.store.counters_record().next_seq,
                 })
             }
             SessionAction::Ended { .. } => None,
@@ -1531,6 +1541,11 @@ impl Sim {
         }
     }
 
+    /// Drops one op from the copy, as a copy write lost with a crash would (a test's setup).
+    pub fn forget_in_copy(&mut self, seq: u64) {
+        self.copy.remove(&seq);
+    }
+
     /// What a context does with the database and the copy as it opens (`Outbox.open`).
     fn open_store(&mut self) {
         match copy::start(self.db_client, self.copy_meta) {
@@ -1539,10 +1554,20 @@ impl Sim {
             Start::Rebuild(meta) => {
                 let copied: Vec<CopiedOp> = self.copy.values().cloned().collect();
                 let rebuilt = copy::rebuild(meta, copied, self.now);
-                self.ensure(rebuilt.missing == 0, || {
+                self.ensure(rebuilt.missing == 0 || self.out_of_order_expected, || {
                     format!("the copy lost {} ops: {meta:?}", rebuilt.missing)
                 });
-                self.ensure(rebuilt.client == self.client, || "rebuilt as another client".into());
+                // Ops the copy lost are lost: the ledger stops waiting for them.
+                let kept: BTreeSet<u64> = rebuilt.ops.iter().map(|op| op.seq).collect();
+                for (seq, entry) in self.ledger.entries.iter_mut() {
+                    if entry.ending.is_none() && entry.replaced_by.is_none() && !kept.contains(seq)
+                    {
+                        entry.ending = Some(Ending::Lost);
+                    }
+                }
+                self.ensure(rebuilt.client == self.client, || {
+                    "rebuilt as another client".into()
+                });
                 expect_store(run_now(store::restore(&mut self.store, &rebuilt)));
                 self.db_client = Some(rebuilt.client);
                 self.rebuilds += 1;
@@ -1555,6 +1580,9 @@ impl Sim {
     /// The copy holds exactly the queue's ops, with the fields that make them the same op on
     /// the wire, and its record matches the counters.
     pub fn check_copy(&self) {
+        if self.out_of_order_expected {
+            return;
+        }
         let stored: Vec<u64> = self.store.ops().map(|op| op.seq).collect();
         let copied: Vec<u64> = self.copy.keys().copied().collect();
         self.ensure(stored == copied, || {
@@ -1562,9 +1590,16 @@ impl Sim {
         });
         for op in self.store.ops() {
             let entry = &self.copy[&op.seq].op;
-            let same = (entry.id, entry.prev, &entry.entity, &entry.payload, entry.base_version)
-                == (op.id, op.prev, &op.entity, &op.payload, op.base_version);
-            self.ensure(same, || format!("the copy of seq {} differs: {entry:?} vs {op:?}", op.seq));
+            let same = (
+                entry.id,
+                entry.prev,
+                &entry.entity,
+                &entry.payload,
+                entry.base_version,
+            ) == (op.id, op.prev, &op.entity, &op.payload, op.base_version);
+            self.ensure(same, || {
+                format!("the copy of seq {} differs: {entry:?} vs {op:?}", op.seq)
+            });
         }
         if let Some(meta) = self.copy_meta {
             let counters = self.store.counters_record();
@@ -1649,9 +1684,9 @@ impl Sim {
             .dead_letters()
             .find(|d| d.op.id == id)
             .map(|d| d.op.draft());
-        let result =
-            self.transact(|s, c| run_now(store::retry_dead_letter(s, c, id, fresh, None, now)))
-                .map(|queued| self.copied(queued));
+        let result = self
+            .transact(|s, c| run_now(store::retry_dead_letter(s, c, id, fresh, None, now)))
+            .map(|queued| self.copied(queued));
         self.note(|| format!("retry dead letter {id} -> {result:?}"));
         if let Ok(receipt) = &result {
             self.settle_by_user(id);
@@ -1826,7 +1861,8 @@ impl Sim {
         let out = f(&mut self.server, self.now);
         // An op goes out only as the head of its entity, with `prev` relinked past every op
         // that left without effect: the server never has to wait for a predecessor.
-        self.ensure(self.server.out_of_order == out_of_order, || {
+        let expected = self.out_of_order_expected;
+        self.ensure(expected || self.server.out_of_order == out_of_order, || {
             format!(
                 "the server answered out_of_order (seq, prev, last, entity) {:?}: an op was sent \
                  before its predecessor took effect or was relinked past",

@@ -46,9 +46,11 @@ export async function chromiumEnv(t, { serverFlags = [], extraContentScripts = [
     get browser() { return browser; },
     pr: () => next++,
     openPr: (n) => PlaywrightPrPage.open(browser.context, server.url, n),
-    async relaunch() {
+    /** Closes the main browser and starts it on the same profile; `between(profileDir, browser)` runs in between. */
+    async relaunch({ between } = {}) {
       browsers.delete(browser);
       await browser.close();
+      await between?.(join(dir, 'profile'), browser);
       browser = await start('profile');
     },
     async otherProfile(reviewer) {

@@ -12,6 +12,8 @@
 //   otherProfile(name) a second Chromium profile whose reviewer is `name`
 //   screenshot(page, name)  keeps a picture of a popup (the demo does; tests need not)
 import assert from 'node:assert/strict';
+import { access, rm } from 'node:fs/promises';
+import { join } from 'node:path';
 import { RENEWED_TOKEN } from './server.mjs';
 import { PlaywrightPrPage } from './pr-page.mjs';
 import { absorbed, assertInOrder, deliveredOnce, entriesOf, entriesOfOp, measure, tookEffect } from './delivery.mjs';
@@ -320,6 +322,36 @@ export async function deadLetterDoesNotBlock(env) {
     note: `422 → dead letter; the op behind it applied; Retry applied it as seq ${again.seq}; Discard dropped the other` };
 }
 
+export async function databaseDropped(env) {
+  const n = env.pr();
+  const page = await env.openPr(n);
+  await env.browser.setOffline(true);
+  await page.view('src/upload.rs');
+  await page.comment('Queued while the disk was about to fail.');
+  await page.approve();
+  const ops = await page.queued();
+  await retrying(page, ops.length);
+  // What Chromium does when it finds the database's LevelDB corrupt after a hard kill: the
+  // extension's IndexedDB is gone at the next launch.
+  const closed = Date.now();
+  await env.relaunch({
+    between: async (profile, browser) => {
+      const database = join(profile, 'Default', 'IndexedDB', `chrome-extension_${browser.id}_0.indexeddb.leveldb`);
+      await access(database);
+      await rm(database, { recursive: true });
+    },
+  });
+  const entries = await deliveredOnce(env.server, ops, { what: 'delivery after the database was dropped' });
+  assertInOrder(entries, ops);
+  const popup = await env.browser.popup();
+  const stats = await popup.evaluate(() => chrome.runtime.sendMessage({ outbox: 'stats', args: [] }));
+  await popup.close();
+  assert.equal(stats.result.incident?.code, 'STORAGE_RECOVERED', JSON.stringify(stats));
+  assert.equal(stats.result.incident.recovered, ops.length);
+  const last = Math.max(...entries.filter(tookEffect).map((e) => e.at));
+  return { ...measure(entries, ops), note: `IndexedDB deleted between launches; rebuilt from storage.local, all in ${last - closed} ms after the restart began` };
+}
+
 /**
  * The Chromium scenarios in the order of the issue (12, the README extension, has its own
  * test): [label for the demo's tables, the behaviour a test proves, the scenario].
@@ -337,4 +369,5 @@ export const CHROMIUM_SCENARIOS = [
   ['9 401', 'a 401 pauses the queue until the token is renewed, losing nothing', unauthorizedPausesUntilRenewed],
   ['10 conflict', 'a conflict between two profiles is settled in the popup and the choice delivered', conflictResolvedInPopup],
   ['11 dead letter', 'a 422 dead letter shows in the popup and does not block later ops', deadLetterDoesNotBlock],
+  ['13 database dropped', 'a queue whose IndexedDB the browser deleted is rebuilt from the copy and delivered once', databaseDropped],
 ];
