@@ -10,7 +10,7 @@ SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 export PATH := $(CURDIR)/node_modules/.bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: demo test setup build wasm server native wasm-test e2e lint types size bench clean
+.PHONY: demo test setup build wasm server native wasm-test e2e lint types size bench mutants clean
 
 demo: build
 	scripts/demo
@@ -56,6 +56,12 @@ size:
 
 bench: build
 	scripts/bench
+
+# Mutation testing of the core (long: tens of minutes). The model test runs its 16 fixed seeds
+# with fewer steps per mutant. Needs cargo-mutants (`cargo install --locked cargo-mutants`).
+mutants:
+	command -v cargo-mutants >/dev/null || cargo install --locked cargo-mutants
+	MODEL_STEPS=3000 MODEL_RANDOM=0 cargo mutants --no-shuffle -j 2 --output target/mutants
 
 clean:
 	cargo clean

@@ -331,6 +331,82 @@ mod tests {
         );
     }
 
+    /// The limits are inclusive: a kind, entity, key, op size, pending count or byte count at
+    /// its limit is admitted, one past it refused.
+    #[test]
+    fn every_admission_limit_admits_its_value_and_refuses_one_past_it() {
+        let config = Config::default();
+        let ok = |d: Draft| admit(&config, &Counters::default(), None, d, id(1), 0);
+        let named = |entity: Option<String>, kind: String| Draft {
+            entity,
+            kind,
+            ..draft(None, "k")
+        };
+        assert!(ok(named(None, "k".repeat(MAX_KIND_BYTES))).is_ok());
+        assert!(ok(named(None, "k".repeat(MAX_KIND_BYTES + 1))).is_err());
+        assert!(ok(named(Some("e".repeat(MAX_ENTITY_BYTES)), "k".into())).is_ok());
+        assert!(ok(named(Some("e".repeat(MAX_ENTITY_BYTES + 1)), "k".into())).is_err());
+        assert!(validate_key(&"k".repeat(MAX_KEY_BYTES)).is_ok());
+        assert!(validate_key(&"k".repeat(MAX_KEY_BYTES + 1)).is_err());
+        assert!(validate_key("").is_err());
+        assert!(validate_key("tab\tkey").is_err());
+
+        let mut config = Config::default();
+        let exact = admit(
+            &config,
+            &Counters::default(),
+            None,
+            draft(None, "k"),
+            id(1),
+            0,
+        )
+        .unwrap()
+        .op
+        .size();
+        config.limits.max_op_bytes = exact;
+        config.limits.max_pending = 2;
+        config.limits.max_bytes = 2 * exact;
+        let one = admit(
+            &config,
+            &Counters::default(),
+            None,
+            draft(None, "k"),
+            id(1),
+            0,
+        )
+        .unwrap();
+        let two = admit(&config, &one.counters, None, draft(None, "k"), id(2), 0)
+            .expect("the second op fills both caps exactly");
+        assert_eq!((two.counters.pending, two.counters.bytes), (2, 2 * exact));
+        assert!(matches!(
+            admit(&config, &two.counters, None, draft(None, "k"), id(3), 0),
+            Err(Refusal::QueueFull {
+                limit: "maxPending",
+                ..
+            })
+        ));
+        config.limits.max_pending = 3;
+        assert!(matches!(
+            admit(&config, &two.counters, None, draft(None, "k"), id(3), 0),
+            Err(Refusal::QueueFull {
+                limit: "maxBytes",
+                ..
+            })
+        ));
+        config.limits.max_op_bytes = exact - 1;
+        assert!(matches!(
+            admit(
+                &config,
+                &Counters::default(),
+                None,
+                draft(None, "k"),
+                id(4),
+                0
+            ),
+            Err(Refusal::OpTooLarge { .. })
+        ));
+    }
+
     #[test]
     fn malformed_drafts_are_invalid_ops() {
         let config = Config::default();

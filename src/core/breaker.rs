@@ -333,6 +333,97 @@ mod tests {
     }
 
     #[test]
+    fn validation_bounds_are_inclusive() {
+        let ok = |c: BreakerConfig| c.validate().is_ok();
+        let base = BreakerConfig::default();
+        assert!(ok(BreakerConfig {
+            window: 64,
+            min_calls: 64,
+            ..base
+        }));
+        assert!(!ok(BreakerConfig { window: 65, ..base }));
+        assert!(!ok(BreakerConfig {
+            window: 0,
+            min_calls: 0,
+            ..base
+        }));
+        assert!(ok(BreakerConfig {
+            window: 1,
+            min_calls: 1,
+            ..base
+        }));
+        assert!(!ok(BreakerConfig {
+            window: 5,
+            min_calls: 6,
+            ..base
+        }));
+        assert!(!ok(BreakerConfig {
+            min_calls: 0,
+            ..base
+        }));
+        assert!(ok(BreakerConfig {
+            failure_rate: 1.0,
+            ..base
+        }));
+        assert!(!ok(BreakerConfig {
+            failure_rate: 1.01,
+            ..base
+        }));
+        assert!(!ok(BreakerConfig {
+            failure_rate: 0.0,
+            ..base
+        }));
+        assert!(ok(BreakerConfig {
+            open_ms: 1,
+            max_open_ms: 1,
+            ..base
+        }));
+        assert!(!ok(BreakerConfig { open_ms: 0, ..base }));
+        assert!(!ok(BreakerConfig {
+            open_ms: 10,
+            max_open_ms: 9,
+            ..base
+        }));
+    }
+
+    #[test]
+    fn a_hint_that_the_network_is_back_ends_the_open_period_now() {
+        let mut breaker = Breaker::Open {
+            until: 60_000,
+            open_ms: 30_000,
+            since: 30_000,
+        };
+        assert!(!breaker.take_probe(40_000));
+        breaker.expire(40_000);
+        assert_eq!(breaker.next_wake(), Some(40_000));
+        assert!(breaker.take_probe(40_000), "the probe goes at once");
+        let mut closed = Breaker::default();
+        closed.expire(5);
+        assert_eq!(closed, Breaker::default(), "nothing to end when closed");
+    }
+
+    #[test]
+    fn a_probe_lost_with_a_restart_is_asked_for_again_at_once() {
+        let mut breaker = Breaker::HalfOpen {
+            open_ms: 30_000,
+            since: 7,
+        };
+        breaker.after_restart(99);
+        assert_eq!(
+            breaker,
+            Breaker::Open {
+                until: 99,
+                open_ms: 30_000,
+                since: 7
+            }
+        );
+        assert!(breaker.take_probe(99));
+        let mut closed = Breaker::default();
+        closed.after_restart(99);
+        assert!(closed.is_closed());
+    }
+
+    #[test]
     fn outcomes_while_open_are_ignored() {
         let mut breaker = Breaker::Open {
             until: 10,

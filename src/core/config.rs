@@ -302,6 +302,119 @@ mod tests {
         assert!(config.validate().is_err());
     }
 
+    /// Every bound is inclusive: the value at the bound is accepted, one past it refused.
+    #[test]
+    fn every_bound_accepts_its_limit_and_refuses_one_past_it() {
+        type Set = fn(&mut Config, u64);
+        let cases: [(&str, Set, u64, u64); 12] = [
+            (
+                "backoff.capMs",
+                |c, v| c.backoff.cap_ms = v,
+                MAX_DELAY_MS,
+                MAX_DELAY_MS + 1,
+            ),
+            (
+                "maxRetryAfterMs",
+                |c, v| c.max_retry_after_ms = v,
+                MAX_DELAY_MS,
+                MAX_DELAY_MS + 1,
+            ),
+            (
+                "requestTimeoutMs",
+                |c, v| c.request_timeout_ms = v,
+                MAX_DELAY_MS,
+                MAX_DELAY_MS + 1,
+            ),
+            (
+                "breaker.maxOpenMs",
+                |c, v| c.breaker.max_open_ms = v,
+                MAX_DELAY_MS,
+                MAX_DELAY_MS + 1,
+            ),
+            (
+                "keyRetentionMs",
+                |c, v| c.key_retention_ms = v,
+                366 * DAY,
+                366 * DAY + 1,
+            ),
+            (
+                "keyRetentionMs",
+                |c, v| c.key_retention_ms = v,
+                MINUTE,
+                MINUTE - 1,
+            ),
+            (
+                "user.maxAgeMs",
+                |c, v| c.user.max_age_ms = v,
+                366 * DAY,
+                366 * DAY + 1,
+            ),
+            (
+                "background.maxAgeMs",
+                |c, v| c.background.max_age_ms = v,
+                366 * DAY,
+                366 * DAY + 1,
+            ),
+            (
+                "batch.maxOps",
+                |c, v| c.batch.max_ops = v as usize,
+                MAX_BATCH_OPS as u64,
+                MAX_BATCH_OPS as u64 + 1,
+            ),
+            ("maxInFlight", |c, v| c.max_in_flight = v as usize, 16, 17),
+            (
+                "limits.maxOpBytes",
+                |c, v| c.limits.max_op_bytes = v,
+                512 * 1024,
+                512 * 1024 + 1,
+            ),
+            (
+                "limits.maxOpBytes vs maxBytes",
+                |c, v| {
+                    c.limits.max_bytes = 1_000;
+                    c.limits.max_op_bytes = v;
+                },
+                1_000,
+                1_001,
+            ),
+        ];
+        for (name, set, good, bad) in cases {
+            let mut config = Config::default();
+            if name == "limits.maxOpBytes" {
+                config.limits.max_bytes = 1 << 30;
+            }
+            set(&mut config, good);
+            assert!(
+                config.validate().is_ok(),
+                "{name} = {good} refused: {:?}",
+                config.validate()
+            );
+            let mut config = Config::default();
+            if name == "limits.maxOpBytes" {
+                config.limits.max_bytes = 1 << 30;
+            }
+            set(&mut config, bad);
+            assert!(config.validate().is_err(), "{name} = {bad} accepted");
+        }
+        // The lower bounds: zero is refused wherever it would stall delivery.
+        type Zero = (&'static str, fn(&mut Config));
+        let zeroes: [Zero; 8] = [
+            ("user.maxAttempts", |c| c.user.max_attempts = 0),
+            ("background.maxAgeMs", |c| c.background.max_age_ms = 0),
+            ("requestTimeoutMs", |c| c.request_timeout_ms = 0),
+            ("maxInFlight", |c| c.max_in_flight = 0),
+            ("batch.maxOps", |c| c.batch.max_ops = 0),
+            ("batch.maxBytes", |c| c.batch.max_bytes = 0),
+            ("limits.maxPending", |c| c.limits.max_pending = 0),
+            ("limits.maxOpBytes", |c| c.limits.max_op_bytes = 0),
+        ];
+        for (name, set) in zeroes {
+            let mut config = Config::default();
+            set(&mut config);
+            assert!(config.validate().is_err(), "{name} = 0 accepted");
+        }
+    }
+
     #[test]
     fn config_parses_from_partial_camel_case_json() {
         let config: Config = serde_json::from_str(

@@ -377,6 +377,50 @@ mod tests {
     }
 
     #[test]
+    fn a_rebuild_is_reported_recovered_unless_ops_were_missing() {
+        let whole = rebuild(meta(8, 1), vec![copied(op(7, 0, None))], 0);
+        let incident = Incident::of_rebuild(&whole, 42);
+        assert_eq!(
+            (
+                incident.code,
+                incident.at,
+                incident.recovered,
+                incident.lost
+            ),
+            (IncidentCode::StorageRecovered, 42, 1, 0)
+        );
+        assert!(
+            incident.message().contains("1 pending ops were rebuilt"),
+            "{}",
+            incident.message()
+        );
+        let short = rebuild(meta(8, 3), vec![copied(op(7, 0, None))], 0);
+        let incident = Incident::of_rebuild(&short, 42);
+        assert_eq!(
+            (incident.code, incident.lost),
+            (IncidentCode::StorageLost, 2)
+        );
+        assert!(
+            incident
+                .message()
+                .contains("2 pending ops could not be recovered")
+        );
+        let orphan = Incident::of_orphan(&meta(8, 5), 9);
+        assert_eq!(
+            (orphan.code, orphan.recovered, orphan.lost),
+            (IncidentCode::StorageLost, 0, 5)
+        );
+        assert!(CopyWrite::default().is_empty());
+        assert!(
+            !CopyWrite {
+                remove: vec![1],
+                ..CopyWrite::default()
+            }
+            .is_empty()
+        );
+    }
+
+    #[test]
     fn the_next_seq_never_goes_back_below_what_the_copy_saw() {
         let rebuilt = rebuild(meta(500, 0), vec![copied(op(7, 0, None))], 0);
         assert_eq!(

@@ -253,16 +253,6 @@ impl Drainer {
         }
     }
 
-    /// The configuration in force.
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
-    /// The breaker's state.
-    pub fn breaker(&self) -> Breaker {
-        self.breaker
-    }
-
     /// Whether delivery waits for new credentials.
     pub fn is_paused(&self) -> bool {
         self.auth.paused
@@ -271,11 +261,6 @@ impl Drainer {
     /// Requests in flight.
     pub fn in_flight(&self) -> usize {
         self.flights.requests.len()
-    }
-
-    /// Ops in flight.
-    pub fn ops_in_flight(&self) -> impl Iterator<Item = &Op> {
-        self.flights.ops()
     }
 
     fn now(&self) -> Millis {

@@ -772,6 +772,7 @@ pub fn credentials_checksum(credentials: Option<&str>) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::breaker::Breaker;
     use crate::core::config::BatchConfig;
     use crate::core::memory::{MemoryStore, run_now};
     use crate::core::op::{Draft, Priority};
@@ -1050,6 +1051,44 @@ mod tests {
         // Fifty wakes came as one: at most one more load after the held one.
         let loads_after = shell.log[mark..].iter().filter(|l| *l == "load").count();
         assert!(loads_after <= 1, "{:?}", &shell.log[mark..]);
+    }
+
+    /// A trigger from outside (an alarm, a sync, a start) may come after another context changed
+    /// the store, so it reads it again at once; an enqueue's wake waits for the window to run out.
+    #[test]
+    fn an_outside_trigger_reads_the_store_at_once_and_an_enqueue_does_not() {
+        let mut shell = Shell::new(config());
+        for n in 0..300 {
+            shell.enqueue(&format!("e/{n}"));
+        }
+        shell.input(Input::Wake(WakeReason::Start));
+        assert_eq!(shell.count("load"), 1);
+        shell.input(Input::Wake(WakeReason::Enqueued));
+        assert_eq!(shell.count("load"), 1, "the window still has ops");
+        shell.input(Input::Wake(WakeReason::Alarm));
+        assert_eq!(shell.count("load"), 2);
+    }
+
+    #[test]
+    fn online_and_flush_end_an_open_breaker_at_once_and_an_alarm_does_not() {
+        for (reason, probes) in [
+            (WakeReason::Online, true),
+            (WakeReason::Flush, true),
+            (WakeReason::Alarm, false),
+        ] {
+            let mut shell = Shell::new(Config::default());
+            shell.enqueue("e/1");
+            shell.store.breaker = Breaker::Open {
+                until: shell.now + 60_000,
+                open_ms: 30_000,
+                since: shell.now,
+            };
+            let mut session = Session::new(Config::default(), [3; 32]);
+            std::mem::swap(&mut session, &mut shell.session);
+            shell.input(Input::Wake(reason));
+            let probing = shell.session.drainer().is_some_and(|d| !d.is_idle());
+            assert_eq!(probing, probes, "{reason:?}");
+        }
     }
 
     #[test]
