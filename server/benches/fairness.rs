@@ -3,11 +3,13 @@
 //! `cargo bench -p outbox-server --bench fairness [-- --seconds N] [-- --only flood|purge]`
 //!
 //! **flood.** Tenant B sends one single-op request at a time (its latency is what is
-//! measured) for N seconds alone, then for N seconds while tenant A floods: two tasks grow
-//! entities with 32 KiB payloads (four ops a request) until the server refuses to grow them
-//! further, and two tasks send batches of 500 ops with a stale `base_version` against those
-//! large entities. Every A task sends its next request as soon as the last one was answered.
-//! The figures are B's p50 and p99 under the flood as a ratio to B's alone, in the same run.
+//! measured), alone and while tenant A floods: two tasks grow entities with 32 KiB payloads
+//! (four ops a request) until the server refuses to grow them further, and two tasks send
+//! batches of 500 ops with a stale `base_version` against those large entities. Every A task
+//! sends its next request as soon as the last one was answered. The run alternates five
+//! rounds of "B alone" and "B under the flood" (N seconds of each side in all, 0.5 s to
+//! settle between), so that the load of the rest of the machine weighs on both sides alike.
+//! The figures are B's p50 and p99 under the flood as a ratio to B's alone.
 //!
 //! **purge.** 400,000 stored results past their retention are written straight into the
 //! database; the server then starts (its purge runs at start) and B measures for N seconds
@@ -83,12 +85,14 @@ struct FloodStats {
     refused: AtomicU64,
 }
 
-/// Sends A's request and records the size of the answer; returns the parsed body when 200.
+/// Sends A's request and records the size of the answer; returns the parsed body when 200
+/// and `parse`.
 async fn send_a(
     http: &reqwest::Client,
     url: &str,
     body: Vec<u8>,
     stats: &FloodStats,
+    parse: bool,
 ) -> Option<Value> {
     let response = match http
         .post(format!("{url}/v1/ops"))
@@ -126,23 +130,53 @@ async fn send_a(
         }
         return None;
     }
+    if !parse {
+        return None;
+    }
     serde_json::from_slice(&bytes).ok()
+}
+
+/// Whether A floods now, and whether the run is over.
+#[derive(Default)]
+struct Switch {
+    flooding: AtomicBool,
+    stop: AtomicBool,
+    /// Set once the first large entities exist (the stale batches aim at them).
+    ready: AtomicBool,
+}
+
+impl Switch {
+    /// Waits while A is paused; false once the run is over.
+    async fn go(&self) -> bool {
+        while !self.flooding.load(Ordering::Relaxed) || !self.ready.load(Ordering::Relaxed) {
+            if self.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        !self.stop.load(Ordering::Relaxed)
+    }
 }
 
 /// Grows `a/big/{task}/{generation}` by 4 × 32 KiB a request; a new generation starts when the
 /// server rejects an op (the state limit) or the state passed about 320 KiB (a server without
-/// a limit would otherwise grow it forever).
+/// a limit would otherwise grow it forever). The first request of each task runs before the
+/// rounds start, so that the entities of the stale batches exist.
 async fn grow(
     http: reqwest::Client,
     url: String,
     task: u64,
-    stop: Arc<AtomicBool>,
+    switch: Arc<Switch>,
     stats: Arc<FloodStats>,
+    created: Arc<AtomicU64>,
 ) {
     let client = uuid(0xa1, task);
     let pad = "x".repeat(32 * 1024);
     let (mut seq, mut generation, mut grown) = (0u64, 0u64, 0usize);
-    while !stop.load(Ordering::Relaxed) {
+    loop {
+        if seq > 0 && !switch.go().await {
+            break;
+        }
         let ops: Vec<Value> = (0..4)
             .map(|_| {
                 seq += 1;
@@ -153,7 +187,10 @@ async fn grow(
             .collect();
         let body = serde_json::to_vec(&json!({"client": client, "ops": ops})).expect("json");
         grown += 4 * pad.len();
-        let answer = send_a(&http, &url, body, &stats).await;
+        let answer = send_a(&http, &url, body, &stats, true).await;
+        if seq == 4 {
+            created.fetch_add(1, Ordering::Relaxed);
+        }
         let rejected = answer.is_some_and(|a| {
             a["results"]
                 .as_array()
@@ -173,13 +210,13 @@ async fn stale(
     url: String,
     task: u64,
     grow_tasks: u64,
-    stop: Arc<AtomicBool>,
+    switch: Arc<Switch>,
     stats: Arc<FloodStats>,
 ) {
     let client = uuid(0xa2, task);
     let entity = format!("a/big/{}/0", task % grow_tasks);
     let mut seq = 0u64;
-    while !stop.load(Ordering::Relaxed) {
+    while switch.go().await {
         let ops: Vec<Value> = (0..500)
             .map(|_| {
                 seq += 1;
@@ -188,7 +225,7 @@ async fn stale(
             })
             .collect();
         let body = serde_json::to_vec(&json!({"client": client, "ops": ops})).expect("json");
-        send_a(&http, &url, body, &stats).await;
+        send_a(&http, &url, body, &stats, false).await;
     }
 }
 
@@ -206,6 +243,9 @@ fn report(what: &str, samples: &mut [Duration]) -> (Duration, Duration) {
     (p50, p99)
 }
 
+const ROUNDS: u32 = 5;
+const SETTLE: Duration = Duration::from_millis(500);
+
 fn flood(runtime: &tokio::runtime::Runtime, seconds: u64) {
     let dir = tempfile::tempdir().expect("temp dir");
     let server = start(
@@ -215,37 +255,77 @@ fn flood(runtime: &tokio::runtime::Runtime, seconds: u64) {
     );
     let url = server.url.clone();
     runtime.block_on(async move {
-        let b_http = reqwest::Client::builder().no_proxy().build().expect("client");
-        let a_http = reqwest::Client::builder().no_proxy().build().expect("client");
+        let b_http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        let a_http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
         let b_client = uuid(0xb, 1);
         let seq = AtomicU64::new(1);
-        let span = Duration::from_secs(seconds);
+        let span = Duration::from_secs(seconds) / ROUNDS;
         // Warm up: connections, the client binding, SQLite's cache.
-        probe(&b_http, &url, &b_client, &seq, Instant::now() + Duration::from_millis(500)).await;
-        let mut alone = probe(&b_http, &url, &b_client, &seq, Instant::now() + span).await;
+        probe(
+            &b_http,
+            &url,
+            &b_client,
+            &seq,
+            Instant::now() + Duration::from_millis(500),
+        )
+        .await;
 
-        let stop = Arc::new(AtomicBool::new(false));
+        let switch = Arc::new(Switch::default());
         let stats = Arc::new(FloodStats::default());
+        let created = Arc::new(AtomicU64::new(0));
         let grow_tasks = 2u64;
         let mut tasks = Vec::new();
         for t in 0..grow_tasks {
-            tasks.push(tokio::spawn(grow(a_http.clone(), url.clone(), t, stop.clone(), stats.clone())));
+            tasks.push(tokio::spawn(grow(
+                a_http.clone(),
+                url.clone(),
+                t,
+                switch.clone(),
+                stats.clone(),
+                created.clone(),
+            )));
         }
-        // The stale batches need the large entities to exist.
-        tokio::time::sleep(Duration::from_millis(500)).await;
         for t in 0..2 {
-            tasks.push(tokio::spawn(stale(a_http.clone(), url.clone(), t, grow_tasks, stop.clone(), stats.clone())));
+            tasks.push(tokio::spawn(stale(
+                a_http.clone(),
+                url.clone(),
+                t,
+                grow_tasks,
+                switch.clone(),
+                stats.clone(),
+            )));
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let a_before = stats.requests.load(Ordering::Relaxed);
-        let mut flooded = probe(&b_http, &url, &b_client, &seq, Instant::now() + span).await;
-        let a_requests = stats.requests.load(Ordering::Relaxed) - a_before;
-        stop.store(true, Ordering::Relaxed);
+        while created.load(Ordering::Relaxed) < grow_tasks {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        switch.ready.store(true, Ordering::Relaxed);
+        let (mut alone, mut flooded) = (Vec::new(), Vec::new());
+        let mut a_requests = 0;
+        for _ in 0..ROUNDS {
+            switch.flooding.store(false, Ordering::Relaxed);
+            tokio::time::sleep(SETTLE).await;
+            alone.extend(probe(&b_http, &url, &b_client, &seq, Instant::now() + span).await);
+            switch.flooding.store(true, Ordering::Relaxed);
+            tokio::time::sleep(SETTLE).await;
+            let before = stats.requests.load(Ordering::Relaxed);
+            flooded.extend(probe(&b_http, &url, &b_client, &seq, Instant::now() + span).await);
+            a_requests += stats.requests.load(Ordering::Relaxed) - before;
+        }
+        switch.stop.store(true, Ordering::Relaxed);
         for task in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(60), task).await;
         }
 
-        println!("\nflood: tenant B's latency, one single-op request at a time ({seconds} s each)\n");
+        println!(
+            "\nflood: tenant B's latency, one single-op request at a time \
+             ({ROUNDS} rounds, {seconds} s of each side)\n"
+        );
         println!("| B | requests | p50 ms | p99 ms | max ms |");
         println!("|---|---:|---:|---:|---:|");
         let (alone50, alone99) = report("alone", &mut alone);
@@ -256,8 +336,8 @@ fn flood(runtime: &tokio::runtime::Runtime, seconds: u64) {
             flood99.as_secs_f64() / alone99.as_secs_f64()
         );
         println!(
-            "A: {a_requests} requests answered during B's flood window; {} in all, {} refused or failed; \
-             {:.1} MB of answers, the largest {} bytes",
+            "A: {a_requests} requests answered while B measured under the flood; {} in all, \
+             {} refused or failed; {:.1} MB of answers, the largest {} bytes",
             stats.requests.load(Ordering::Relaxed),
             stats.refused.load(Ordering::Relaxed),
             stats.answer_bytes.load(Ordering::Relaxed) as f64 / 1e6,
@@ -379,7 +459,7 @@ fn main() {
     }
     let seconds: u64 = arg(&args, "--seconds")
         .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+        .unwrap_or(10);
     let only = arg(&args, "--only");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

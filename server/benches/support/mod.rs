@@ -25,13 +25,21 @@ impl Drop for Server {
 
 /// Starts `outbox-server` on 127.0.0.1:0 over `db` with `args`; its log goes to `log`.
 pub fn start(db: &Path, log_path: &Path, args: &[&str]) -> Server {
+    // `OUTBOX_BENCH_LOG=DIR` keeps the server's log there (with `RUST_LOG` passed through),
+    // to look into a run.
+    let kept = std::env::var_os("OUTBOX_BENCH_LOG")
+        .map(|dir| Path::new(&dir).join(log_path.file_name().unwrap_or_default()));
+    let log_path = kept.as_deref().unwrap_or(log_path);
     let log = std::fs::File::create(log_path).expect("log file");
     let mut child = Command::new(env!("CARGO_BIN_EXE_outbox-server"))
         .args(["--listen", "127.0.0.1:0"])
         .arg("--db")
         .arg(db)
         .args(args)
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
