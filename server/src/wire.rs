@@ -182,6 +182,29 @@ pub fn parse_envelope(body: &[u8]) -> Result<Envelope, Malformed> {
     })
 }
 
+impl Op {
+    /// SHA-256 of the op's canonical form: an object of exactly `id`, `seq`, `prev`, `entity`,
+    /// `kind`, `payload`, `base_version` (`null` when absent) and `created_at`, written as the
+    /// Idempotency-Key fingerprint writes JSON (members sorted, no white space). A beacon grant
+    /// names its ops by this digest, so a grant for an op id covers that one body only.
+    /// Unknown fields are ignored by the protocol, so they do not count here either.
+    pub fn digest(&self) -> [u8; 32] {
+        let value = Value::Object(Map::from_iter([
+            ("base_version".to_owned(), self.base_version.into()),
+            ("created_at".to_owned(), self.created_at.into()),
+            ("entity".to_owned(), self.entity.clone().into()),
+            ("id".to_owned(), self.id.clone().into()),
+            ("kind".to_owned(), self.kind.clone().into()),
+            ("payload".to_owned(), self.payload.clone()),
+            ("prev".to_owned(), self.prev.into()),
+            ("seq".to_owned(), self.seq.into()),
+        ]));
+        let mut canonical = Vec::new();
+        write_canonical(&mut canonical, &value);
+        Sha256::digest(&canonical).into()
+    }
+}
+
 fn parse_op(item: &Value, path: &Path) -> Result<Op, Malformed> {
     let Value::Object(obj) = item else {
         return Err(Malformed::at(path, "expected an op object"));
@@ -372,6 +395,41 @@ mod tests {
         other["payload"] = json!({"a": 2});
         let c = parse_envelope(&env(json!([other]))).unwrap();
         assert_ne!(a.fingerprint, c.fingerprint);
+    }
+
+    #[test]
+    fn the_op_digest_covers_every_field_but_not_member_order() {
+        let base = parse_envelope(&env(json!([op()]))).unwrap().ops[0].digest();
+        let reordered = format!(
+            r#"{{"client":"{ID}","ops":[{{"created_at":1,"payload":{{"a":1}},"kind":"comment","entity":"pr/17","prev":1,"seq":2,"base_version":6,"id":"{ID}","extra":true}}]}}"#
+        );
+        assert_eq!(
+            parse_envelope(reordered.as_bytes()).unwrap().ops[0].digest(),
+            base
+        );
+        for (field, value) in [
+            ("id", json!("1b6f5a0e-3c1d-4c5e-9a43-6d3f1f0f2b7a")),
+            ("seq", json!(3)),
+            ("prev", json!(0)),
+            ("entity", json!("pr/18")),
+            ("kind", json!("approve")),
+            ("payload", json!({"a": 2})),
+            ("base_version", json!(7)),
+            ("created_at", json!(2)),
+        ] {
+            let mut changed = op();
+            changed[field] = value;
+            let digest = parse_envelope(&env(json!([changed]))).unwrap().ops[0].digest();
+            assert_ne!(digest, base, "{field} is not covered");
+        }
+        let mut absent = op();
+        absent.as_object_mut().unwrap().remove("base_version");
+        let mut explicit = op();
+        explicit["base_version"] = Value::Null;
+        assert_eq!(
+            parse_envelope(&env(json!([absent]))).unwrap().ops[0].digest(),
+            parse_envelope(&env(json!([explicit]))).unwrap().ops[0].digest()
+        );
     }
 
     #[test]

@@ -259,11 +259,20 @@ pub fn uuid() -> String {
     )
 }
 
-/// An op with a fresh id.
+/// Milliseconds since the Unix epoch (the server and the tests share this machine's clock).
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// An op with a fresh id, made now (an op without an entity must be recent: see the
+/// `created_at` window in docs/PROTOCOL.md).
 pub fn op(seq: i64, prev: i64, entity: Option<&str>, payload: Value) -> Value {
     json!({
         "id": uuid(), "seq": seq, "prev": prev, "entity": entity, "kind": "edit",
-        "payload": payload, "created_at": 1_764_081_600_000i64,
+        "payload": payload, "created_at": now_ms(),
     })
 }
 
