@@ -350,7 +350,7 @@ impl Config {
 }
 
 fn parse_token(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
+    match s.split_once('=').map(|(a, b)| (a.trim(), b.trim())) {
         Some((tenant, token)) if !tenant.is_empty() && !token.is_empty() => {
             Ok((tenant.to_owned(), token.to_owned()))
         }

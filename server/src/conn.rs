@@ -238,20 +238,23 @@ enum Phase {
 }
 
 /// Where a connection is and since when; written by its IO and its service, read by its
-/// watchdog.
+/// watchdog, which a change of phase wakes (a new phase may end sooner than the old one).
 struct Watch {
     state: Mutex<(Phase, Instant)>,
+    changed: tokio::sync::Notify,
 }
 
 impl Watch {
     fn new() -> Arc<Self> {
         Arc::new(Watch {
             state: Mutex::new((Phase::Head, Instant::now())),
+            changed: tokio::sync::Notify::new(),
         })
     }
 
     fn set(&self, phase: Phase) {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = (phase, Instant::now());
+        self.changed.notify_one();
     }
 
     fn get(&self) -> (Phase, Instant) {
@@ -263,6 +266,8 @@ impl Watch {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.0 == Phase::Idle {
             *state = (Phase::Head, Instant::now());
+            drop(state);
+            self.changed.notify_one();
         }
     }
 
@@ -341,7 +346,8 @@ async fn connection(
         // The head timeout is ours (it must not count the idle time between requests, which
         // hyper's does), so hyper's is off.
         .header_read_timeout(None)
-        .max_buf_size(MAX_HEAD_BYTES)
+        .max_header_size(MAX_HEAD_BYTES)
+        .max_buf_size(MAX_HEAD_BYTES.max(8192) * 4)
         // One buffer per write, so that hyper's automatic error answers can be recognised.
         .writev(false)
         .keep_alive(true);
@@ -357,6 +363,7 @@ async fn connection(
                 }
                 return;
             }
+            () = watch.changed.notified() => continue,
             () = tokio::time::sleep_until(deadline) => {
                 // The phase may have moved on since the deadline was taken.
                 let (now_phase, now_deadline) = watch.deadline(&limits);
