@@ -842,7 +842,7 @@ async fn submit<S: Store>(st: &AppState<S>, route: Route, req: Request) -> Respo
         Ok(bytes) => bytes,
         Err(problem) => return problem.into_response(),
     };
-    let env = match parse_envelope(&bytes) {
+    let env = match parse_envelope(&bytes, route == Route::Op) {
         Ok(env) => env,
         Err(m) => {
             return Problem::malformed(m.detail)
@@ -960,9 +960,14 @@ async fn submit<S: Store>(st: &AppState<S>, route: Route, req: Request) -> Respo
                     return dropped_connection();
                 }
                 seen.record(st, &env, Some(&results), Some(200));
+                // Straight to text: a Value tree of 500 results first would double the work.
+                #[derive(Serialize)]
+                struct Answer<'a> {
+                    results: &'a [OpResult],
+                }
                 json_response(
                     StatusCode::OK,
-                    serde_json::json!({ "results": results }).to_string(),
+                    serde_json::to_string(&Answer { results: &results }).unwrap_or_default(),
                 )
             }
             Ok(other) => {
@@ -1031,7 +1036,7 @@ async fn grants<S: Store>(State(st): State<Arc<AppState<S>>>, req: Request) -> R
         Ok(bytes) => bytes,
         Err(problem) => return problem.into_response(),
     };
-    let env = match parse_envelope(&bytes) {
+    let env = match parse_envelope(&bytes, false) {
         Ok(env) => env,
         Err(m) => {
             return Problem::malformed(m.detail)
@@ -1101,13 +1106,13 @@ fn claim<'a, S: Store>(
     let mut inflight = st.inflight.lock().unwrap_or_else(|e| e.into_inner());
     let problem = match inflight.get(&claim_key) {
         None => {
-            inflight.insert(claim_key.clone(), env.fingerprint);
+            inflight.insert(claim_key.clone(), fingerprint(env));
             return Ok(Claim {
                 inflight: &st.inflight,
                 key: claim_key,
             });
         }
-        Some(fingerprint) if *fingerprint == env.fingerprint => Problem::new(
+        Some(running) if *running == fingerprint(env) => Problem::new(
             StatusCode::CONFLICT,
             "in-progress",
             "Request in progress",
@@ -1117,6 +1122,11 @@ fn claim<'a, S: Store>(
         Some(_) => key_reused(),
     };
     Err(problem)
+}
+
+/// The body fingerprint of a keyed request (`/v1/op` always parses with it).
+fn fingerprint(env: &Envelope) -> [u8; 32] {
+    env.fingerprint.unwrap_or_default()
 }
 
 fn key_reused() -> Problem {
@@ -1139,7 +1149,7 @@ async fn keyed<S: Store>(
 ) -> Response {
     request.key = Some(KeyedRequest {
         key,
-        fingerprint: env.fingerprint,
+        fingerprint: fingerprint(env),
     });
     let result = match timed(st, st.store.apply(request)).await {
         Ok(ApplyOutcome::KeyReused) => return seen.problem(st, env, key_reused()),
