@@ -2,15 +2,17 @@
 //!
 //! `cargo bench -p outbox-server --bench slowloris [-- --seconds N] [-- --stalled N]`
 //!
-//! Four healthy clients (from 127.0.0.1) each send one single-op request at a time, for N
-//! seconds without stalled connections and then for N seconds while `--stalled` (default
-//! 1,000) connections from 127.0.0.2 to 127.0.0.21 stall: a quarter send nothing, a quarter
-//! send half a request head, a quarter send a whole unauthenticated beacon head with a large
-//! Content-Length and no body, and a quarter send an authenticated head and then one body byte
-//! a second. A stalled connection that the server closes is opened again a second later, so
-//! the count stays up (reopening at once would measure a connection flood instead, which costs
-//! CPU whatever the server does). The figure is the healthy p99 with them as a ratio to without, in the same run; the
-//! bench also reports how long the server let each kind of stalled connection live.
+//! Four healthy clients (from 127.0.0.1) each send one single-op request at a time, in five
+//! rounds of "without stalled connections" and "with them" (N seconds of each side in all).
+//! In the second half of each round `--stalled` (default 1,000) connections from 127.0.0.2
+//! to 127.0.0.21 stall: a quarter send nothing, a quarter send half a request head, a quarter
+//! send a whole unauthenticated beacon head with a large Content-Length and no body, and a
+//! quarter send an authenticated head and then one body byte a second. A stalled connection
+//! that the server closes is opened again a second later, so the count stays up (reopening at
+//! once would measure a connection flood instead, which costs CPU whatever the server does).
+//! Between rounds the stallers close their connections. The figure is the healthy p99 with
+//! them as a ratio to without, in the same run. At the end the stallers stay for 12 s more,
+//! and the bench reports how long the server let each kind of stalled connection live.
 //!
 //! Raise the fd limit if it is below about 3 × `--stalled`: the bench tries (setrlimit, up to
 //! the hard limit) and prints what it got; the server inherits it.
@@ -33,6 +35,9 @@ const HEALTHY: u64 = 4;
 /// Stalled connections per source address: under the default per-IP cap, so that the server
 /// really holds them all and the timeouts, not the cap, are what is measured.
 const PER_SOURCE: usize = 50;
+const ROUNDS: u32 = 5;
+/// Time for the stallers to connect, or to go, before a side of a round is measured.
+const SETTLE: Duration = Duration::from_millis(1500);
 
 async fn healthy(
     http: reqwest::Client,
@@ -80,17 +85,28 @@ const KINDS: [Kind; 4] = [
 /// Lifetimes (open to closed by the server) of stalled connections, per kind.
 type Lifetimes = Arc<Mutex<Vec<Vec<Duration>>>>;
 
-/// Keeps one stalled connection of `kind` open from `source` until `stop`, reopening it when
-/// the server closes it.
+/// Whether the stallers stall now, and whether the run is over.
+#[derive(Default)]
+struct Switch {
+    on: AtomicBool,
+    stop: AtomicBool,
+}
+
+/// Keeps one stalled connection of `kind` open from `source` while the switch is on,
+/// reopening it a second after the server closes it.
 async fn stall(
     server: SocketAddr,
     source: SocketAddr,
     kind: Kind,
-    stop: Arc<AtomicBool>,
+    switch: Arc<Switch>,
     lifetimes: Lifetimes,
     opened: Arc<AtomicU64>,
 ) {
-    while !stop.load(Ordering::Relaxed) {
+    while !switch.stop.load(Ordering::Relaxed) {
+        if !switch.on.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
         let Ok(socket) = TcpSocket::new_v4() else {
             return;
         };
@@ -106,9 +122,12 @@ async fn stall(
         let head: Vec<u8> = match kind {
             Kind::Silent => Vec::new(),
             Kind::HalfHead => b"POST /v1/ops HTTP/1.1\r\nHost: x\r\nContent-Ty".to_vec(),
-            Kind::UnauthenticatedBody => b"POST /v1/beacon HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 60000\r\n\r\n".to_vec(),
+            Kind::UnauthenticatedBody => b"POST /v1/beacon HTTP/1.1\r\nHost: x\r\n\
+                Content-Type: text/plain\r\nContent-Length: 60000\r\n\r\n"
+                .to_vec(),
             Kind::SlowBody => format!(
-                "POST /v1/ops HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+                "POST /v1/ops HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
             )
             .into_bytes(),
         };
@@ -116,27 +135,32 @@ async fn stall(
             continue;
         }
         let mut buf = [0u8; 4096];
+        let mut next_byte = since + Duration::from_secs(1);
         // Wait for the server to close (reading its answer, if any), trickling the body of
-        // the slow kind; stop when told.
-        loop {
-            if stop.load(Ordering::Relaxed) {
-                return;
+        // the slow kind; close when the switch goes off.
+        let closed_by_server = loop {
+            if !switch.on.load(Ordering::Relaxed) || switch.stop.load(Ordering::Relaxed) {
+                break false;
             }
-            let tick = tokio::time::sleep(Duration::from_secs(1));
             tokio::select! {
                 read = stream.read(&mut buf) => match read {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => continue,
+                    Ok(0) | Err(_) => break true,
+                    Ok(_) => {}
                 },
-                () = tick => {
-                    if matches!(kind, Kind::SlowBody) && stream.write_all(b" ").await.is_err() {
-                        break;
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if matches!(kind, Kind::SlowBody) && Instant::now() >= next_byte {
+                        next_byte += Duration::from_secs(1);
+                        if stream.write_all(b" ").await.is_err() {
+                            break true;
+                        }
                     }
                 }
             }
+        };
+        if closed_by_server {
+            lifetimes.lock().await[kind as usize].push(since.elapsed());
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        lifetimes.lock().await[kind as usize].push(since.elapsed());
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -196,9 +220,8 @@ fn main() {
             }
         };
         run(Duration::from_millis(500)).await;
-        let mut alone = run(Duration::from_secs(seconds)).await;
 
-        let stop = Arc::new(AtomicBool::new(false));
+        let switch = Arc::new(Switch::default());
         let lifetimes: Lifetimes = Arc::new(Mutex::new(vec![Vec::new(); KINDS.len()]));
         let opened = Arc::new(AtomicU64::new(0));
         let mut stallers = Vec::new();
@@ -211,21 +234,36 @@ fn main() {
                 addr,
                 source,
                 kind,
-                stop.clone(),
+                switch.clone(),
                 lifetimes.clone(),
                 opened.clone(),
             )));
         }
-        // Let them all connect before measuring.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let opened_before = opened.load(Ordering::Relaxed);
-        let mut with = run(Duration::from_secs(seconds)).await;
-        stop.store(true, Ordering::Relaxed);
+        let span = Duration::from_secs(seconds) / ROUNDS;
+        let (mut alone, mut with) = (Vec::new(), Vec::new());
+        let mut opened_per_round = Vec::new();
+        for _ in 0..ROUNDS {
+            switch.on.store(false, Ordering::Relaxed);
+            tokio::time::sleep(SETTLE).await;
+            alone.extend(run(span).await);
+            let before = opened.load(Ordering::Relaxed);
+            switch.on.store(true, Ordering::Relaxed);
+            tokio::time::sleep(SETTLE).await;
+            opened_per_round.push(opened.load(Ordering::Relaxed) - before);
+            with.extend(run(span).await);
+        }
+        // Hold them past the default header timeout (10 s), to see each kind closed.
+        switch.on.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        switch.stop.store(true, Ordering::Relaxed);
         for s in stallers {
             let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
         }
 
-        println!("\nslowloris: {HEALTHY} healthy clients, single-op requests, {seconds} s each\n");
+        println!(
+            "\nslowloris: {HEALTHY} healthy clients, single-op requests \
+             ({ROUNDS} rounds, {seconds} s of each side)\n"
+        );
         println!("| healthy traffic | requests | p50 ms | p99 ms | max ms |");
         println!("|---|---:|---:|---:|---:|");
         let row = |what: &str, s: &mut Vec<Duration>| {
@@ -247,8 +285,7 @@ fn main() {
             w99.as_secs_f64() / a99.as_secs_f64()
         );
         println!(
-            "stalled connections opened: {} before measuring, {} in all",
-            opened_before,
+            "stalled connections opened before each measured side: {opened_per_round:?}; {} in all",
             opened.load(Ordering::Relaxed)
         );
         let mut lifetimes = lifetimes.lock().await;
