@@ -787,6 +787,25 @@ async fn beacon<S: Store>(State(st): State<Arc<AppState<S>>>, req: Request) -> R
     submit(&st, Route::Beacon, req).await
 }
 
+/// Bodies past this size are parsed on the blocking pool: a large envelope is a millisecond
+/// or more of CPU, which on the async workers would delay every small request behind it.
+const PARSE_INLINE: usize = 32 << 10;
+
+/// Parses an envelope, large ones off the async workers.
+async fn parse(bytes: Bytes, fingerprint: bool) -> Result<Envelope, crate::wire::Malformed> {
+    if bytes.len() <= PARSE_INLINE {
+        return parse_envelope(&bytes, fingerprint);
+    }
+    tokio::task::spawn_blocking(move || parse_envelope(&bytes, fingerprint))
+        .await
+        .unwrap_or_else(|e| {
+            Err(crate::wire::Malformed {
+                pointer: String::new(),
+                detail: format!("body: could not be parsed ({e})"),
+            })
+        })
+}
+
 /// Reads a body under the server's limits, counting body timeouts.
 async fn body_of<S: Store>(
     st: &AppState<S>,
@@ -842,7 +861,7 @@ async fn submit<S: Store>(st: &AppState<S>, route: Route, req: Request) -> Respo
         Ok(bytes) => bytes,
         Err(problem) => return problem.into_response(),
     };
-    let env = match parse_envelope(&bytes, route == Route::Op) {
+    let env = match parse(bytes, route == Route::Op).await {
         Ok(env) => env,
         Err(m) => {
             return Problem::malformed(m.detail)
@@ -1036,7 +1055,7 @@ async fn grants<S: Store>(State(st): State<Arc<AppState<S>>>, req: Request) -> R
         Ok(bytes) => bytes,
         Err(problem) => return problem.into_response(),
     };
-    let env = match parse_envelope(&bytes, false) {
+    let env = match parse(bytes, false).await {
         Ok(env) => env,
         Err(m) => {
             return Problem::malformed(m.detail)
