@@ -388,6 +388,11 @@ async fn connection(
             }
             changed = stop.changed(), if !closing => {
                 if changed.is_err() || *stop.borrow() {
+                    // A head still arriving is no running request: close it now rather than
+                    // wait for its timeout. Otherwise let hyper finish the request in hand.
+                    if watch.get().0 == Phase::Head {
+                        return;
+                    }
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 }

@@ -345,3 +345,39 @@ async fn hyper_level_refusals_are_problem_json() {
     }
     assert!(server.healthy().await);
 }
+
+#[tokio::test]
+async fn sigterm_finishes_the_request_in_hand_and_drops_idle_and_half_sent_connections() {
+    let mut server = Server::start(&[]);
+    // Connections that hold nothing back: one that sent half a head, one that sent nothing.
+    let mut half = connect(&server).await;
+    half.write_all(b"POST /v1/ops HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let _silent = connect(&server).await;
+    // A request in hand: held in the handler by a scripted delay.
+    server
+        .faults(json!([{"route": "ops", "times": 1, "action": {"delay_ms": 1000}}]))
+        .await;
+    let body = envelope(&uuid(), vec![op(1, 0, Some("last"), json!({}))]);
+    let running = {
+        let (http, url, body) = (server.http.clone(), server.at("/v1/ops"), body.clone());
+        tokio::spawn(async move { http.post(url).bearer_auth(TOKEN).json(&body).send().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.terminate(GUARD);
+        (status, server)
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "{:?}", status.0);
+    let response = running
+        .await
+        .unwrap()
+        .expect("the request in hand is answered");
+    assert_eq!(response.status(), 200);
+    let answer = read_until_closed(&mut half, GUARD).await;
+    assert!(answer.is_empty(), "{answer}");
+    assert!(status.1.stderr().contains("stopped"));
+}

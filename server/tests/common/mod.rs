@@ -116,6 +116,26 @@ impl Server {
             .expect("http client");
     }
 
+    /// Sends SIGTERM (a graceful shutdown) and waits for the process to end, failing the
+    /// test past `guard`.
+    pub fn terminate(&mut self, guard: Duration) -> std::process::ExitStatus {
+        // SAFETY: kill only sends a signal to the child's pid.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + guard;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server did not stop within {guard:?} of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The server's stderr so far.
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
