@@ -861,6 +861,7 @@ async fn submit<S: Store>(st: &AppState<S>, route: Route, req: Request) -> Respo
         Ok(bytes) => bytes,
         Err(problem) => return problem.into_response(),
     };
+    let bytes_len = bytes.len();
     let env = match parse(bytes, route == Route::Op).await {
         Ok(env) => env,
         Err(m) => {
@@ -969,6 +970,7 @@ async fn submit<S: Store>(st: &AppState<S>, route: Route, req: Request) -> Respo
         reject,
         key: None,
         limits: st.limits,
+        body_bytes: bytes_len,
     };
     match key {
         Some(key) => keyed(st, &seen, &env, request, key, drop_after_commit).await,

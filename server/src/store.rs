@@ -220,6 +220,8 @@ pub struct ApplyRequest {
     pub key: Option<KeyedRequest>,
     /// The bounds to apply under.
     pub limits: Limits,
+    /// The size of the request body, a hint of the memory the request holds while it waits.
+    pub body_bytes: usize,
 }
 
 /// What [`Store::apply`] did.
@@ -310,9 +312,11 @@ enum Job {
     },
 }
 
-/// Most ops of one tenant queued for the writer. A tenant past it waits (its own requests
-/// only) instead of filling a queue that every tenant shares.
-const LANE_OPS: usize = 4_096;
+/// How much of one tenant's work may be queued for the writer, in units of one op or one KiB
+/// of request body, whichever a request has more of (so at most 8,192 ops or about 8 MiB of
+/// bodies). A tenant past it waits (its own requests only) instead of filling a queue, and the
+/// memory, that every tenant shares.
+const LANE_UNITS: usize = 8_192;
 /// While another lane waits, a lane keeps the writer at most this long (then at the next op
 /// boundary it yields).
 const SLICE: Duration = Duration::from_micros(500);
@@ -340,7 +344,7 @@ pub struct SqliteStore {
     /// client → owning tenant. Bindings never change once made, so both answers (ours and
     /// another tenant's) are cached; bounded, because strangers can make up client ids.
     owners: Mutex<Recent<String, String>>,
-    /// Admission per tenant: the writer's queue for a tenant holds at most [`LANE_OPS`] ops.
+    /// Admission per tenant: the writer's queue for a tenant holds at most [`LANE_UNITS`].
     admission: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
@@ -447,16 +451,16 @@ impl SqliteStore {
         })
     }
 
-    /// Waits until `tenant`'s lane has room for `ops` more ops.
-    async fn admit(&self, tenant: &str, ops: usize) -> Result<OwnedSemaphorePermit, StoreError> {
+    /// Waits until `tenant`'s lane has room for `units` more.
+    async fn admit(&self, tenant: &str, units: usize) -> Result<OwnedSemaphorePermit, StoreError> {
         let semaphore = self
             .admission
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(tenant.to_owned())
-            .or_insert_with(|| Arc::new(Semaphore::new(LANE_OPS)))
+            .or_insert_with(|| Arc::new(Semaphore::new(LANE_UNITS)))
             .clone();
-        let n = ops.clamp(1, LANE_OPS) as u32;
+        let n = units.clamp(1, LANE_UNITS) as u32;
         semaphore
             .acquire_many_owned(n)
             .await
@@ -541,7 +545,8 @@ impl Store for SqliteStore {
     }
 
     async fn apply(&self, request: ApplyRequest) -> Result<ApplyOutcome, StoreError> {
-        let permit = self.admit(&request.tenant, request.ops.len()).await?;
+        let units = request.ops.len().max(request.body_bytes / 1024);
+        let permit = self.admit(&request.tenant, units).await?;
         let (reply, rx) = oneshot::channel();
         self.submit(Job::Apply(request, reply, permit), rx).await
     }
