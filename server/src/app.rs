@@ -2,16 +2,18 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -25,11 +27,14 @@ use tracing::{error, warn};
 use crate::config::Config;
 use crate::demo::DemoPages;
 use crate::faults::{Fault, Faults, Route, RuleSpec};
-use crate::limit::RateLimiter;
+use crate::grant::{Grant, GrantError, GrantKey, MAX_GRANT_OPS};
+use crate::limit::{RateLimiter, retry_after_seconds};
 use crate::metrics::Metrics;
+use crate::now_ms;
 use crate::problem::Problem;
 use crate::store::{
-    ApplyOutcome, ApplyRequest, Binding, KeyedRequest, OpResult, Outcome, RejectRule, Store,
+    ApplyOutcome, ApplyRequest, Binding, KeyedRequest, Limits, OpResult, Outcome, RejectRule,
+    Store, Window,
 };
 use crate::wire::{Envelope, parse_envelope};
 
@@ -38,8 +43,31 @@ const LOG_CAP: usize = 1_000_000;
 /// Longest Idempotency-Key.
 const MAX_KEY_LEN: usize = 255;
 
+/// The body of a beacon authenticated by a grant or a body access_token: the keepalive
+/// budget that browsers share between all such requests in flight.
+pub const BEACON_BODY: usize = 64 << 10;
+/// Client buckets kept (bounded: strangers can make up client ids).
+const CLIENT_BUCKETS: usize = 65_536;
+/// Refusal (401) buckets per address: 100 refusals at once, then 10 a second. Past them an
+/// address gets 429 before its credentials are even looked at.
+const REFUSAL_RATE: f64 = 10.0;
+const REFUSAL_BURST: f64 = 100.0;
+const REFUSAL_BUCKETS: usize = 16_384;
+/// A body may trickle in its first seconds (TCP slow start, a waking radio) before
+/// `--body-min-rate` applies.
+const BODY_GRACE: Duration = Duration::from_secs(2);
+
 /// Idempotency-Keys running now: (tenant, client, key) → body fingerprint.
 type InFlight = Mutex<HashMap<(String, String, String), [u8; 32]>>;
+
+/// How bodies are read: the total time and the slowest rate.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// `--body-timeout`.
+    pub timeout: Duration,
+    /// `--body-min-rate` in bytes per second; 0 for no rate check.
+    pub min_rate: u64,
+}
 
 /// Shared state of all handlers.
 pub struct AppState<S> {
@@ -48,9 +76,16 @@ pub struct AppState<S> {
     tokens: Vec<(String, String)>,
     admin_token: Option<String>,
     max_body: usize,
-    limiter: RateLimiter,
+    body: BodyLimits,
+    limits: Limits,
+    clients: RateLimiter<(String, String)>,
+    tenants: RateLimiter<String>,
+    refusals: RateLimiter<IpAddr>,
+    grants: GrantKey,
+    grant_ttl_ms: i64,
+    beacon_access_token: bool,
     faults: Faults,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
     /// Requests with an Idempotency-Key that are running now, with their body fingerprint.
     /// Only this instance's requests: a multi-instance store would keep this in the database.
     inflight: InFlight,
@@ -60,16 +95,31 @@ pub struct AppState<S> {
 }
 
 impl<S: Store> AppState<S> {
-    /// Builds the state from the flags and an open store.
-    pub fn new(config: &Config, store: S) -> Self {
+    /// Builds the state from the flags, the resolved tenant tokens, the grant key and an open
+    /// store.
+    pub fn new(config: &Config, tokens: Vec<(String, String)>, grants: GrantKey, store: S) -> Self {
         AppState {
             store,
-            tokens: config.tokens.clone(),
+            tokens,
             admin_token: config.admin_token.clone(),
             max_body: config.max_body,
-            limiter: RateLimiter::new(config.rate, config.burst),
+            body: BodyLimits {
+                timeout: config.body_timeout,
+                min_rate: config.body_min_rate,
+            },
+            limits: Limits {
+                max_state_bytes: config.max_state_bytes,
+                answer_state_bytes: config.max_answer_state_bytes,
+                unordered: Some(Window::for_retention(config.retention)),
+            },
+            clients: RateLimiter::new(config.rate, config.burst, CLIENT_BUCKETS),
+            tenants: RateLimiter::new(config.tenant_rate(), config.tenant_burst(), 4_096),
+            refusals: RateLimiter::new(REFUSAL_RATE, REFUSAL_BURST, REFUSAL_BUCKETS),
+            grants,
+            grant_ttl_ms: config.grant_ttl.as_millis().min(i64::MAX as u128) as i64,
+            beacon_access_token: config.beacon_access_token,
             faults: Faults::new(config),
-            metrics: Metrics::default(),
+            metrics: Arc::new(Metrics::default()),
             inflight: Mutex::new(HashMap::new()),
             log: config
                 .admin_token
@@ -82,6 +132,11 @@ impl<S: Store> AppState<S> {
     /// The store (for the purge task).
     pub fn store(&self) -> &S {
         &self.store
+    }
+
+    /// The counters (for the connection layer).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     fn tenant_for(&self, token: &str) -> Option<String> {
@@ -103,14 +158,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Builds the router with every route, the metrics middleware and CORS.
 ///
 /// With `close_connections`, every answer (CORS preflights included) carries
@@ -130,6 +177,7 @@ pub fn router<S: Store>(
         .route("/v1/ops", post(ops::<S>))
         .route("/v1/op", post(op::<S>))
         .route("/v1/beacon", post(beacon::<S>))
+        .route("/v1/grants", post(grants::<S>))
         .route("/v1/health", get(health::<S>))
         .route("/v1/entities/{*id}", get(entity::<S>))
         .route("/metrics", get(metrics::<S>));
@@ -299,6 +347,177 @@ fn authenticate<S: Store>(st: &AppState<S>, headers: &HeaderMap) -> Result<Strin
     }
 }
 
+/// The peer address the connection layer put on the request.
+fn peer(parts: &Parts) -> Option<IpAddr> {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+/// Before credentials are looked at: an address refused too often recently gets 429, so
+/// that guessing tokens or grants runs at a bounded rate and costs almost nothing.
+fn refusal_gate<S: Store>(st: &AppState<S>, ip: Option<IpAddr>) -> Result<(), Problem> {
+    let Some(ip) = ip else { return Ok(()) };
+    st.refusals.peek(&ip, Instant::now()).map_err(|wait| {
+        let seconds = retry_after_seconds(wait);
+        Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Too many requests",
+            format!("too many refused requests from this address; retry in {seconds} s"),
+        )
+        .retry_after(seconds)
+    })
+}
+
+/// Answers a refusal (401) and counts it against the address.
+fn refuse<S: Store>(st: &AppState<S>, ip: Option<IpAddr>, problem: Problem) -> Response {
+    if let Some(ip) = ip
+        && problem.status == StatusCode::UNAUTHORIZED
+    {
+        st.refusals.spend(&ip, Instant::now());
+    }
+    problem.into_response()
+}
+
+/// The tenant's bucket, checked before the body is read.
+fn tenant_rate<S: Store>(st: &AppState<S>, tenant: &str) -> Result<(), Problem> {
+    st.tenants
+        .check(&tenant.to_owned(), Instant::now())
+        .map_err(|wait| {
+            let seconds = retry_after_seconds(wait);
+            Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "Too many requests",
+                format!("this tenant passed its request rate; retry in {seconds} s"),
+            )
+            .retry_after(seconds)
+        })
+}
+
+/// The client's bucket, checked once the body named the client.
+fn client_rate<S: Store>(st: &AppState<S>, tenant: &str, client: &str) -> Result<(), Problem> {
+    st.clients
+        .check(&(tenant.to_owned(), client.to_owned()), Instant::now())
+        .map_err(|wait| {
+            let seconds = retry_after_seconds(wait);
+            Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "Too many requests",
+                format!("this client passed its request rate; retry in {seconds} s"),
+            )
+            .retry_after(seconds)
+        })
+}
+
+/// How a request to an op route is authenticated; all of it is known before the body.
+enum Credential {
+    /// A bearer token named this tenant.
+    Tenant(String),
+    /// A beacon grant (tenant, client and ops bound in it).
+    Grant(Grant),
+    /// A legacy beacon whose token is in its body (`--beacon-access-token`).
+    BodyToken,
+}
+
+/// `grant` from a query string (percent-decoded), if present.
+fn grant_param(query: Option<&str>) -> Option<Result<String, Problem>> {
+    let mut found = None;
+    for pair in query?.split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if name != "grant" {
+            continue;
+        }
+        if found.is_some() {
+            return Some(Err(grant_invalid("`grant` appears more than once")));
+        }
+        found = Some(percent_decode(value).ok_or_else(|| grant_invalid("bad percent-encoding")));
+    }
+    found
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn grant_invalid(why: &str) -> Problem {
+    Problem::new(
+        StatusCode::UNAUTHORIZED,
+        "grant-invalid",
+        "Invalid beacon grant",
+        format!("the grant is not valid: {why}"),
+    )
+}
+
+fn grant_mismatch(detail: String, pointer: &str) -> Problem {
+    Problem::new(
+        StatusCode::FORBIDDEN,
+        "grant-mismatch",
+        "Beacon grant does not cover the request",
+        detail,
+    )
+    .with("pointer", pointer)
+}
+
+/// Who sends a request to an op route, from its head alone.
+fn credential<S: Store>(
+    st: &AppState<S>,
+    route: Route,
+    parts: &Parts,
+) -> Result<Credential, Problem> {
+    if route == Route::Beacon {
+        if let Some(text) = grant_param(parts.uri.query()) {
+            return match st.grants.verify(&text?, now_ms()) {
+                Ok(grant) => Ok(Credential::Grant(grant)),
+                Err(GrantError::Invalid(why)) => Err(grant_invalid(why)),
+                Err(GrantError::Expired { expires_at }) => Err(Problem::new(
+                    StatusCode::UNAUTHORIZED,
+                    "grant-expired",
+                    "Beacon grant expired",
+                    "the grant has expired; ask POST /v1/grants for a new one",
+                )
+                .with("expires_at", expires_at)),
+            };
+        }
+        if matches!(bearer(&parts.headers), Bearer::Absent) {
+            return if st.beacon_access_token {
+                Ok(Credential::BodyToken)
+            } else {
+                // Refused without reading the body: the only other credential a beacon
+                // could carry is the legacy body token, which this server does not take.
+                Err(Problem::new(
+                    StatusCode::UNAUTHORIZED,
+                    "access-token-disabled",
+                    "Beacon needs a grant",
+                    "authenticate a beacon with ?grant= (from POST /v1/grants) or an \
+                     Authorization header; access_token in the body is a legacy way that this \
+                     server does not accept (--beacon-access-token)",
+                ))
+            };
+        }
+    }
+    authenticate(st, &parts.headers).map(Credential::Tenant)
+}
+
 /// Reads `Idempotency-Key`: bare (`k-1`) or an RFC 8941 string (`"k-1"`, parameters ignored).
 fn idempotency_key(headers: &HeaderMap) -> Result<String, Problem> {
     let mut values = headers.get_all("idempotency-key").iter();
@@ -364,13 +583,33 @@ fn too_large(max: usize, close: bool) -> Problem {
 /// How long an oversized body is read and discarded before the 413 goes out.
 const DRAIN_FOR: Duration = Duration::from_secs(5);
 
+fn body_timeout(detail: String) -> Problem {
+    let mut p = Problem::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "body-timeout",
+        "Request body too slow",
+        detail,
+    );
+    p.close = true;
+    p
+}
+
 /// Reads the body, refusing more than `max` bytes: by Content-Length, and while reading for
 /// bodies without one (chunked).
 ///
 /// An oversized body is still read and discarded (up to 8 × `max` + 8 MiB, for at most 5 s)
 /// before the 413 is sent. Closing on a client that is still writing makes many clients
 /// (Node's fetch, measured here) fail with EPIPE and never see the 413.
-async fn read_body(mut body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes, Problem> {
+///
+/// The whole body must arrive within `limits.timeout`, and after [`BODY_GRACE`] at no less
+/// than `limits.min_rate` bytes per second on average; otherwise 408 `body-timeout` (and the
+/// connection closes), so that a stalled or trickled body holds nothing for long.
+async fn read_body(
+    mut body: Body,
+    headers: &HeaderMap,
+    max: usize,
+    limits: BodyLimits,
+) -> Result<Bytes, Problem> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -382,15 +621,42 @@ async fn read_body(mut body: Body, headers: &HeaderMap, max: usize) -> Result<By
     let mut over = declared.is_some_and(|n| n > max as u64);
     let mut out = Vec::with_capacity(declared.unwrap_or(0).min(max as u64) as usize);
     let mut seen: u64 = 0;
-    let deadline = tokio::time::Instant::now() + DRAIN_FOR;
+    let started = tokio::time::Instant::now();
+    let drain_until = started + DRAIN_FOR;
+    let hard = started + limits.timeout;
     loop {
-        let frame = if over {
-            match tokio::time::timeout_at(deadline, body.frame()).await {
-                Ok(frame) => frame,
-                Err(_) => return Err(too_large(max, true)),
-            }
+        // Each byte received buys 1 / min_rate seconds past the grace.
+        let by_rate = seen
+            .saturating_mul(1000)
+            .checked_div(limits.min_rate)
+            .and_then(|ms| Duration::from_millis(ms).checked_add(BODY_GRACE))
+            .and_then(|d| started.checked_add(d))
+            .unwrap_or(hard);
+        let deadline = if over {
+            drain_until.min(hard)
         } else {
-            body.frame().await
+            hard.min(by_rate)
+        };
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(frame) => frame,
+            Err(_) if over => return Err(too_large(max, true)),
+            Err(_) => {
+                let elapsed = started.elapsed();
+                return Err(body_timeout(
+                    if elapsed + Duration::from_millis(5) >= limits.timeout {
+                        format!(
+                            "the body did not arrive within {} ms (got {seen} bytes)",
+                            limits.timeout.as_millis()
+                        )
+                    } else {
+                        format!(
+                            "the body arrived slower than {} bytes/s (got {seen} bytes in {} ms)",
+                            limits.min_rate,
+                            elapsed.as_millis()
+                        )
+                    },
+                ));
+            }
         };
         match frame {
             None => break,
@@ -521,19 +787,68 @@ async fn beacon<S: Store>(State(st): State<Arc<AppState<S>>>, req: Request) -> R
     submit(&st, Route::Beacon, req).await
 }
 
-/// The pipeline of the op routes: auth, key, body, envelope, client binding, rate, faults,
+/// Bodies past this size are parsed on the blocking pool: a large envelope is a millisecond
+/// or more of CPU, which on the async workers would delay every small request behind it.
+const PARSE_INLINE: usize = 32 << 10;
+
+/// Parses an envelope, large ones off the async workers.
+async fn parse(bytes: Bytes, fingerprint: bool) -> Result<Envelope, crate::wire::Malformed> {
+    if bytes.len() <= PARSE_INLINE {
+        return parse_envelope(&bytes, fingerprint);
+    }
+    tokio::task::spawn_blocking(move || parse_envelope(&bytes, fingerprint))
+        .await
+        .unwrap_or_else(|e| {
+            Err(crate::wire::Malformed {
+                pointer: String::new(),
+                detail: format!("body: could not be parsed ({e})"),
+            })
+        })
+}
+
+/// Reads a body under the server's limits, counting body timeouts.
+async fn body_of<S: Store>(
+    st: &AppState<S>,
+    body: Body,
+    headers: &HeaderMap,
+    max: usize,
+) -> Result<Bytes, Problem> {
+    let read = read_body(body, headers, max, st.body).await;
+    if let Err(problem) = &read
+        && problem.slug == "body-timeout"
+    {
+        st.metrics.timeout("body");
+    }
+    read
+}
+
+/// The pipeline of the op routes. Everything that can be decided from the head comes first,
+/// so that a stranger costs no body read: the address's refusal gate, the credential (a
+/// bearer token, or a beacon's grant), the tenant's rate, the Idempotency-Key. Then the
+/// body, the envelope, what the grant binds, the client binding, the client's rate, faults,
 /// apply, answer.
 async fn submit<S: Store>(st: &AppState<S>, route: Route, req: Request) -> Response {
     let at = now_ms();
     let arrival = st.arrivals.fetch_add(1, Ordering::Relaxed);
     let (parts, body) = req.into_parts();
-
-    // A beacon may carry its token in the body instead, so its auth waits for the body.
-    let header_tenant = match (route, authenticate(st, &parts.headers)) {
-        (_, Ok(tenant)) => Some(tenant),
-        (Route::Beacon, Err(_)) if matches!(bearer(&parts.headers), Bearer::Absent) => None,
-        (_, Err(problem)) => return problem.into_response(),
+    let ip = peer(&parts);
+    if let Err(problem) = refusal_gate(st, ip) {
+        return problem.into_response();
+    }
+    let credential = match credential(st, route, &parts) {
+        Ok(credential) => credential,
+        Err(problem) => return refuse(st, ip, problem),
     };
+    let (known_tenant, cap) = match &credential {
+        Credential::Tenant(tenant) => (Some(tenant.as_str()), st.max_body),
+        Credential::Grant(grant) => (Some(grant.tenant.as_str()), st.max_body.min(BEACON_BODY)),
+        Credential::BodyToken => (None, st.max_body.min(BEACON_BODY)),
+    };
+    if let Some(tenant) = known_tenant
+        && let Err(problem) = tenant_rate(st, tenant)
+    {
+        return problem.into_response();
+    }
     let key = if route == Route::Op {
         match idempotency_key(&parts.headers) {
             Ok(key) => Some(key),
@@ -542,11 +857,12 @@ async fn submit<S: Store>(st: &AppState<S>, route: Route, req: Request) -> Respo
     } else {
         None
     };
-    let bytes = match read_body(body, &parts.headers, st.max_body).await {
+    let bytes = match body_of(st, body, &parts.headers, cap).await {
         Ok(bytes) => bytes,
         Err(problem) => return problem.into_response(),
     };
-    let env = match parse_envelope(&bytes) {
+    let bytes_len = bytes.len();
+    let env = match parse(bytes, route == Route::Op).await {
         Ok(env) => env,
         Err(m) => {
             return Problem::malformed(m.detail)
@@ -562,18 +878,28 @@ async fn submit<S: Store>(st: &AppState<S>, route: Route, req: Request) -> Respo
         .with("pointer", "/ops")
         .into_response();
     }
-    let tenant = match header_tenant {
-        Some(tenant) => tenant,
-        None => match env.access_token.as_deref().and_then(|t| st.tenant_for(t)) {
-            Some(tenant) => tenant,
-            None if env.access_token.is_some() => {
-                return Problem::unauthorized("unknown access_token").into_response();
+    let (tenant, grant) = match credential {
+        Credential::Tenant(tenant) => (tenant, None),
+        Credential::Grant(grant) => (grant.tenant.clone(), Some(grant)),
+        Credential::BodyToken => {
+            let tenant = match env.access_token.as_deref().and_then(|t| st.tenant_for(t)) {
+                Some(tenant) => tenant,
+                None if env.access_token.is_some() => {
+                    return refuse(st, ip, Problem::unauthorized("unknown access_token"));
+                }
+                None => {
+                    return refuse(
+                        st,
+                        ip,
+                        Problem::unauthorized("no bearer token in the header or in access_token"),
+                    );
+                }
+            };
+            if let Err(problem) = tenant_rate(st, &tenant) {
+                return problem.into_response();
             }
-            None => {
-                return Problem::unauthorized("no bearer token in the header or in access_token")
-                    .into_response();
-            }
-        },
+            (tenant, None)
+        }
     };
     let mut seen = Seen {
         at,
@@ -582,32 +908,23 @@ async fn submit<S: Store>(st: &AppState<S>, route: Route, req: Request) -> Respo
         tenant: tenant.clone(),
         fault: None,
     };
+    if let Some(grant) = &grant
+        && let Err(problem) = covered(grant, &env)
+    {
+        return seen.problem(st, &env, problem);
+    }
 
-    match timed(st, st.store.bind_client(&tenant, &env.client, at)).await {
+    match timed(st, st.store.bind_client(&tenant, &env.client)).await {
         Ok(Binding::Ours) => {}
         Ok(Binding::OtherTenant) => {
-            let problem = Problem::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "Client belongs to another tenant",
-                format!("client {} was first used by another tenant", env.client),
-            );
-            return seen.problem(st, &env, problem);
+            return seen.problem(st, &env, other_tenant(&env.client));
         }
         Err(e) => {
             error!(error = %e, "storage failed binding a client");
             return seen.problem(st, &env, Problem::unavailable(e.to_string()));
         }
     }
-    if let Err(wait) = st.limiter.check(&tenant, &env.client, Instant::now()) {
-        let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
-        let problem = Problem::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate-limited",
-            "Too many requests",
-            format!("this client passed its request rate; retry in {seconds} s"),
-        )
-        .retry_after(seconds);
+    if let Err(problem) = client_rate(st, &tenant, &env.client) {
         return seen.problem(st, &env, problem);
     }
 
@@ -652,7 +969,8 @@ async fn submit<S: Store>(st: &AppState<S>, route: Route, req: Request) -> Respo
         ops: env.ops.clone(),
         reject,
         key: None,
-        now_ms: at,
+        limits: st.limits,
+        body_bytes: bytes_len,
     };
     match key {
         Some(key) => keyed(st, &seen, &env, request, key, drop_after_commit).await,
@@ -663,9 +981,14 @@ async fn submit<S: Store>(st: &AppState<S>, route: Route, req: Request) -> Respo
                     return dropped_connection();
                 }
                 seen.record(st, &env, Some(&results), Some(200));
+                // Straight to text: a Value tree of 500 results first would double the work.
+                #[derive(Serialize)]
+                struct Answer<'a> {
+                    results: &'a [OpResult],
+                }
                 json_response(
                     StatusCode::OK,
-                    serde_json::json!({ "results": results }).to_string(),
+                    serde_json::to_string(&Answer { results: &results }).unwrap_or_default(),
                 )
             }
             Ok(other) => {
@@ -677,6 +1000,103 @@ async fn submit<S: Store>(st: &AppState<S>, route: Route, req: Request) -> Respo
                 seen.problem(st, &env, Problem::unavailable(e.to_string()))
             }
         },
+    }
+}
+
+fn other_tenant(client: &str) -> Problem {
+    Problem::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        "Client belongs to another tenant",
+        format!("client {client} was first used by another tenant"),
+    )
+}
+
+/// Whether `grant` covers the envelope: its client, and every op by its digest.
+fn covered(grant: &Grant, env: &Envelope) -> Result<(), Problem> {
+    if grant.client != env.client {
+        return Err(grant_mismatch(
+            format!(
+                "the grant is for client {}, not {}",
+                grant.client, env.client
+            ),
+            "/client",
+        ));
+    }
+    for (i, op) in env.ops.iter().enumerate() {
+        if !grant.digests.contains(&op.digest()) {
+            return Err(grant_mismatch(
+                format!(
+                    "ops[{i}] (id {}) is not covered by the grant: another op id, or the same id \
+                     with another body",
+                    op.id
+                ),
+                &format!("/ops/{i}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `POST /v1/grants`: a grant for a beacon of up to [`MAX_GRANT_OPS`] ops, for the bearer
+/// token's tenant. Nothing is applied; the ops are checked as `/v1/ops` checks them.
+async fn grants<S: Store>(State(st): State<Arc<AppState<S>>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let ip = peer(&parts);
+    if let Err(problem) = refusal_gate(&st, ip) {
+        return problem.into_response();
+    }
+    let tenant = match authenticate(&st, &parts.headers) {
+        Ok(tenant) => tenant,
+        Err(problem) => return refuse(&st, ip, problem),
+    };
+    if let Err(problem) = tenant_rate(&st, &tenant) {
+        return problem.into_response();
+    }
+    let bytes = match body_of(&st, body, &parts.headers, st.max_body).await {
+        Ok(bytes) => bytes,
+        Err(problem) => return problem.into_response(),
+    };
+    let env = match parse(bytes, false).await {
+        Ok(env) => env,
+        Err(m) => {
+            return Problem::malformed(m.detail)
+                .with("pointer", m.pointer)
+                .into_response();
+        }
+    };
+    if env.ops.len() > MAX_GRANT_OPS {
+        return Problem::malformed(format!(
+            "ops: a grant covers 1 to {MAX_GRANT_OPS} ops, got {}",
+            env.ops.len()
+        ))
+        .with("pointer", "/ops")
+        .into_response();
+    }
+    match timed(&st, st.store.bind_client(&tenant, &env.client)).await {
+        Ok(Binding::Ours) => {}
+        Ok(Binding::OtherTenant) => return other_tenant(&env.client).into_response(),
+        Err(e) => {
+            error!(error = %e, "storage failed binding a client");
+            return Problem::unavailable(e.to_string()).into_response();
+        }
+    }
+    if let Err(problem) = client_rate(&st, &tenant, &env.client) {
+        return problem.into_response();
+    }
+    let expires_at = now_ms().saturating_add(st.grant_ttl_ms);
+    let grant = Grant {
+        tenant,
+        client: env.client.clone(),
+        digests: env.ops.iter().map(|op| op.digest()).collect(),
+        expires_at,
+    };
+    match st.grants.issue(&grant) {
+        Some(text) => json_response(
+            StatusCode::OK,
+            serde_json::json!({ "grant": text, "expires_at": expires_at }).to_string(),
+        ),
+        None => Problem::malformed("this request cannot be granted").into_response(),
     }
 }
 
@@ -707,13 +1127,13 @@ fn claim<'a, S: Store>(
     let mut inflight = st.inflight.lock().unwrap_or_else(|e| e.into_inner());
     let problem = match inflight.get(&claim_key) {
         None => {
-            inflight.insert(claim_key.clone(), env.fingerprint);
+            inflight.insert(claim_key.clone(), fingerprint(env));
             return Ok(Claim {
                 inflight: &st.inflight,
                 key: claim_key,
             });
         }
-        Some(fingerprint) if *fingerprint == env.fingerprint => Problem::new(
+        Some(running) if *running == fingerprint(env) => Problem::new(
             StatusCode::CONFLICT,
             "in-progress",
             "Request in progress",
@@ -723,6 +1143,11 @@ fn claim<'a, S: Store>(
         Some(_) => key_reused(),
     };
     Err(problem)
+}
+
+/// The body fingerprint of a keyed request (`/v1/op` always parses with it).
+fn fingerprint(env: &Envelope) -> [u8; 32] {
+    env.fingerprint.unwrap_or_default()
 }
 
 fn key_reused() -> Problem {
@@ -745,7 +1170,7 @@ async fn keyed<S: Store>(
 ) -> Response {
     request.key = Some(KeyedRequest {
         key,
-        fingerprint: env.fingerprint,
+        fingerprint: fingerprint(env),
     });
     let result = match timed(st, st.store.apply(request)).await {
         Ok(ApplyOutcome::KeyReused) => return seen.problem(st, env, key_reused()),
@@ -786,14 +1211,19 @@ fn single_result_response(result: &OpResult) -> Response {
                 serde_json::to_string(result).unwrap_or_default(),
             );
         }
-        Outcome::Conflict { version, state } => Problem::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            "Version conflict",
-            format!("base_version is not the entity's version {version}"),
-        )
-        .with("version", *version)
-        .with("state", state.clone()),
+        Outcome::Conflict { version, state, .. } => {
+            let problem = Problem::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                "Version conflict",
+                format!("base_version is stale; the entity is at version {version}"),
+            )
+            .with("version", *version);
+            match state {
+                Some(state) => problem.with("state", state.clone()),
+                None => problem.with("state_omitted", true),
+            }
+        }
         Outcome::Rejected { reason } => Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "rejected",
@@ -851,12 +1281,16 @@ async fn health<S: Store>(State(st): State<Arc<AppState<S>>>) -> Response {
 
 async fn entity<S: Store>(
     State(st): State<Arc<AppState<S>>>,
-    headers: HeaderMap,
+    parts: Parts,
     path: Result<Path<String>, PathRejection>,
 ) -> Response {
-    let tenant = match authenticate(&st, &headers) {
+    let ip = peer(&parts);
+    if let Err(problem) = refusal_gate(&st, ip) {
+        return problem.into_response();
+    }
+    let tenant = match authenticate(&st, &parts.headers) {
         Ok(tenant) => tenant,
-        Err(problem) => return problem.into_response(),
+        Err(problem) => return refuse(&st, ip, problem),
     };
     let id = match path {
         Ok(Path(id)) => id,
@@ -911,7 +1345,7 @@ async fn add_faults<S: Store>(State(st): State<Arc<AppState<S>>>, req: Request) 
     if let Err(problem) = authorize_admin(&st, &parts.headers) {
         return problem.into_response();
     }
-    let bytes = match read_body(body, &parts.headers, st.max_body).await {
+    let bytes = match body_of(&st, body, &parts.headers, st.max_body).await {
         Ok(bytes) => bytes,
         Err(problem) => return problem.into_response(),
     };

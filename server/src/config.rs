@@ -25,9 +25,21 @@ pub struct Config {
     #[arg(long, default_value = "outbox.db")]
     pub db: PathBuf,
 
-    /// A tenant and its bearer token, as TENANT=TOKEN. Repeatable.
+    /// A tenant and its bearer token, as TENANT=TOKEN. Repeatable. For tests and the demo:
+    /// the command line is visible to every local user (`ps`), so production uses
+    /// --tokens-file or OUTBOX_TOKENS.
     #[arg(long = "token", value_name = "TENANT=TOKEN", value_parser = parse_token)]
     pub tokens: Vec<(String, String)>,
+
+    /// A file of TENANT=TOKEN lines (blank lines and lines starting with `#` are skipped).
+    /// Read once at start.
+    #[arg(long, value_name = "PATH", env = "OUTBOX_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+
+    /// TENANT=TOKEN entries from the environment variable OUTBOX_TOKENS (separated by commas
+    /// or white space). Not a flag, so that it never shows on the command line.
+    #[arg(skip)]
+    pub tokens_env: Option<String>,
 
     /// How long stored op results and Idempotency-Key responses are kept, e.g. 7d, 12h, 30m,
     /// 10s, 500ms. The per-entity `last` seq is kept forever.
@@ -35,7 +47,7 @@ pub struct Config {
     pub retention: Duration,
 
     /// Requests per second each client may make (token bucket refill rate). 0 turns the limit
-    /// off.
+    /// off; otherwise at least 0.001.
     #[arg(long, default_value_t = 100.0)]
     pub rate: f64,
 
@@ -43,9 +55,84 @@ pub struct Config {
     #[arg(long, default_value_t = 200.0)]
     pub burst: f64,
 
-    /// Largest request body in bytes; larger ones get 413.
+    /// Requests per second all clients of one tenant may make together, checked before the
+    /// body is read. 0 turns it off. Default: 10 × --rate (so `--rate 0` turns both off).
+    #[arg(long)]
+    pub tenant_rate: Option<f64>,
+
+    /// The per-tenant bucket size. Default: 10 × --burst.
+    #[arg(long)]
+    pub tenant_burst: Option<f64>,
+
+    /// Largest request body in bytes; larger ones get 413. A beacon authenticated by a grant
+    /// or by a body access_token is capped at 64 KiB (the browsers' keepalive budget) or this,
+    /// whichever is smaller.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body: usize,
+
+    /// Largest entity state, in bytes of JSON. An op that would grow an entity's state past
+    /// it is `rejected`.
+    #[arg(long, default_value_t = 256 << 10)]
+    pub max_state_bytes: usize,
+
+    /// Most bytes of entity state one answer carries in its conflicts. Past it, and for a
+    /// second conflict on the same entity, a conflict carries `"state_omitted": true` instead
+    /// of the state.
+    #[arg(long, default_value_t = 256 << 10)]
+    pub max_answer_state_bytes: usize,
+
+    /// How long a client may take to send a request head: from the connection's start, or
+    /// from the first byte of a later request on a kept-alive connection.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// How long a kept-alive connection may sit idle between requests (or make no progress
+    /// taking an answer) before it is closed.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// How long reading one request body may take in all.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+
+    /// Slowest body a client may send, in bytes per second, averaged from the start of the
+    /// body after a 2 s grace. 0 turns the check off (--body-timeout still holds).
+    #[arg(long, default_value_t = 1024)]
+    pub body_min_rate: u64,
+
+    /// How long a request may take from its head to its answer (body, waiting for storage
+    /// and applying included). Past it the answer is 503 `request-timeout`.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Most connections open at once; past it a new connection gets 503 and is closed. Lowered
+    /// to the process's fd limit (minus a reserve) when that is smaller.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// Most connections open at once from one IP address (0: no per-address cap).
+    #[arg(long, default_value_t = 256)]
+    pub max_connections_per_ip: usize,
+
+    /// The key of beacon grants: a file of at least 32 bytes of secret (its bytes as they are).
+    /// Every instance behind one load balancer must share it. Without it (or OUTBOX_GRANT_KEY)
+    /// each process draws a random key, and grants die with a restart.
+    #[arg(long, value_name = "PATH")]
+    pub grant_key_file: Option<PathBuf>,
+
+    /// The grant key from the environment variable OUTBOX_GRANT_KEY, in hex (at least 64 hex
+    /// digits). Not a flag, so that it never shows on the command line.
+    #[arg(skip)]
+    pub grant_key_env: Option<String>,
+
+    /// How long a beacon grant stays valid (1s to 1h).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub grant_ttl: Duration,
+
+    /// Legacy: accept a beacon authenticated by `access_token` in its body, which puts the
+    /// user's bearer token into the page. Off by default; use grants (POST /v1/grants).
+    #[arg(long)]
+    pub beacon_access_token: bool,
 
     /// An origin allowed by CORS, e.g. http://127.0.0.1:8000, or `*` for any. Repeatable.
     /// Without it no CORS headers are sent.
@@ -106,9 +193,85 @@ pub enum SyncMode {
     Normal,
 }
 
+/// Most bytes a tenant name may have (a grant carries it with a one-byte length).
+pub const MAX_TENANT_BYTES: usize = 255;
+/// Slowest accepted positive rate: one request per 1,000 s.
+pub const MIN_RATE: f64 = 0.001;
+/// Largest accepted rate and burst.
+pub const MAX_RATE: f64 = 1e9;
+/// Shortest and longest accepted connection and request timeouts.
+const TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(86_400));
+
+fn check_rate(flag: &str, rate: f64) -> Result<(), String> {
+    if rate == 0.0 || (rate.is_finite() && (MIN_RATE..=MAX_RATE).contains(&rate)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{flag} must be 0 (off) or between {MIN_RATE} and {MAX_RATE} requests per second, not {rate}"
+        ))
+    }
+}
+
+fn check_burst(flag: &str, burst: f64) -> Result<(), String> {
+    if burst.is_finite() && (1.0..=MAX_RATE).contains(&burst) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{flag} must be between 1 and {MAX_RATE}, not {burst}"
+        ))
+    }
+}
+
 impl Config {
+    /// Fills in what clap does not read: `OUTBOX_TOKENS` and `OUTBOX_GRANT_KEY`.
+    pub fn with_env(mut self) -> Self {
+        self.tokens_env = std::env::var("OUTBOX_TOKENS").ok();
+        self.grant_key_env = std::env::var("OUTBOX_GRANT_KEY").ok();
+        self
+    }
+
+    /// Every (tenant, token) pair: `--token` flags, then the tokens file, then
+    /// `OUTBOX_TOKENS`.
+    pub fn all_tokens(&self) -> Result<Vec<(String, String)>, String> {
+        let mut all = self.tokens.clone();
+        if let Some(path) = &self.tokens_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--tokens-file {}: {e}", path.display()))?;
+            for (n, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                all.push(parse_token(line).map_err(|e| {
+                    format!("--tokens-file {} line {}: {e}", path.display(), n + 1)
+                })?);
+            }
+        }
+        if let Some(list) = &self.tokens_env {
+            for entry in list
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|e| !e.is_empty())
+            {
+                all.push(parse_token(entry).map_err(|e| format!("OUTBOX_TOKENS: {e}"))?);
+            }
+        }
+        Ok(all)
+    }
+
+    /// The per-tenant rate: `--tenant-rate`, or 10 × `--rate`.
+    pub fn tenant_rate(&self) -> f64 {
+        self.tenant_rate.unwrap_or(self.rate * 10.0)
+    }
+
+    /// The per-tenant burst: `--tenant-burst`, or 10 × `--burst`.
+    pub fn tenant_burst(&self) -> f64 {
+        self.tenant_burst.unwrap_or(self.burst * 10.0)
+    }
+
     /// Checks what clap cannot: the fault probabilities are one distribution, so their sum
-    /// must not pass 1.
+    /// must not pass 1; rates, timeouts and sizes have ranges; tokens are unique, and the
+    /// admin token is nobody's tenant token.
     pub fn validate(&self) -> Result<(), String> {
         let sum = self.fault_5xx
             + self.fault_429
@@ -120,19 +283,57 @@ impl Config {
                 "the --fault-* probabilities add up to {sum}, more than 1"
             ));
         }
-        if !(self.rate >= 0.0 && self.rate.is_finite()) {
-            return Err("--rate must be a number ≥ 0".into());
-        }
-        if !(self.burst >= 1.0 && self.burst.is_finite()) {
-            return Err("--burst must be a number ≥ 1".into());
-        }
+        check_rate("--rate", self.rate)?;
+        check_burst("--burst", self.burst)?;
+        check_rate("--tenant-rate", self.tenant_rate())?;
+        check_burst("--tenant-burst", self.tenant_burst())?;
         if self.retention.is_zero() {
             return Err("--retention must be longer than 0".into());
         }
-        let mut tokens: Vec<&str> = self.tokens.iter().map(|(_, t)| t.as_str()).collect();
+        for (flag, value) in [
+            ("--header-timeout", self.header_timeout),
+            ("--idle-timeout", self.idle_timeout),
+            ("--body-timeout", self.body_timeout),
+            ("--request-timeout", self.request_timeout),
+        ] {
+            if !(TIMEOUT_RANGE.0..=TIMEOUT_RANGE.1).contains(&value) {
+                return Err(format!("{flag} must be between 100ms and 1d"));
+            }
+        }
+        if self.body_timeout > self.request_timeout {
+            return Err("--body-timeout must not be longer than --request-timeout".into());
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.grant_ttl) {
+            return Err("--grant-ttl must be between 1s and 1h".into());
+        }
+        if self.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
+        if self.max_state_bytes < 2 {
+            return Err("--max-state-bytes must be at least 2 (the empty state `{}`)".into());
+        }
+        let all = self.all_tokens()?;
+        for (tenant, token) in &all {
+            if tenant.len() > MAX_TENANT_BYTES {
+                return Err(format!(
+                    "tenant `{tenant}` is longer than {MAX_TENANT_BYTES} bytes"
+                ));
+            }
+            if !token.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+                return Err(format!(
+                    "the token of tenant `{tenant}` must be visible ASCII without spaces"
+                ));
+            }
+        }
+        let mut tokens: Vec<&str> = all.iter().map(|(_, t)| t.as_str()).collect();
         tokens.sort_unstable();
         if tokens.windows(2).any(|w| w[0] == w[1]) {
-            return Err("two --token flags give the same token".into());
+            return Err("two tenants (or two entries) give the same token".into());
+        }
+        if let Some(admin) = &self.admin_token
+            && tokens.contains(&admin.as_str())
+        {
+            return Err("--admin-token must differ from every tenant token".into());
         }
         Ok(())
     }
@@ -149,7 +350,7 @@ impl Config {
 }
 
 fn parse_token(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
+    match s.split_once('=').map(|(a, b)| (a.trim(), b.trim())) {
         Some((tenant, token)) if !tenant.is_empty() && !token.is_empty() => {
             Ok((tenant.to_owned(), token.to_owned()))
         }

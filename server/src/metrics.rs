@@ -18,6 +18,8 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(String, String), u64>>,
     results: Mutex<BTreeMap<&'static str, u64>>,
     faults: Mutex<BTreeMap<&'static str, u64>>,
+    timeouts: Mutex<BTreeMap<&'static str, u64>>,
+    refused_connections: Mutex<BTreeMap<&'static str, u64>>,
     storage_buckets: [AtomicU64; BUCKETS.len()],
     storage_count: AtomicU64,
     storage_micros: AtomicU64,
@@ -45,6 +47,16 @@ impl Metrics {
     /// Counts one injected fault by kind.
     pub fn fault(&self, kind: &'static str) {
         bump(&self.faults, kind, 1);
+    }
+
+    /// Counts one timeout by kind (`header`, `idle`, `body`, `request`).
+    pub fn timeout(&self, kind: &'static str) {
+        bump(&self.timeouts, kind, 1);
+    }
+
+    /// Counts one connection refused at a cap (`total` or `per_ip`).
+    pub fn connection_refused(&self, reason: &'static str) {
+        bump(&self.refused_connections, reason, 1);
     }
 
     /// Records how long one storage call took.
@@ -94,6 +106,31 @@ impl Metrics {
         out.push_str("# TYPE outbox_faults_injected_total counter\n");
         for (kind, n) in self.faults.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "outbox_faults_injected_total{{kind=\"{kind}\"}} {n}");
+        }
+        out.push_str("# HELP outbox_timeouts_total Timeouts, by kind.\n");
+        out.push_str("# TYPE outbox_timeouts_total counter\n");
+        for (kind, n) in self
+            .timeouts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(out, "outbox_timeouts_total{{kind=\"{kind}\"}} {n}");
+        }
+        out.push_str(
+            "# HELP outbox_connections_refused_total Connections refused at a cap, by cap.\n",
+        );
+        out.push_str("# TYPE outbox_connections_refused_total counter\n");
+        for (reason, n) in self
+            .refused_connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "outbox_connections_refused_total{{reason=\"{reason}\"}} {n}"
+            );
         }
         out.push_str(
             "# HELP outbox_storage_seconds Latency of storage calls, queueing included.\n",

@@ -4,21 +4,24 @@
 //! The trait is shaped so that a shared SQL engine (Postgres) could serve many stateless
 //! server instances: every decision that must be atomic (idempotency, order, version, apply,
 //! record) happens inside one [`Store::apply`] call, which a database implementation runs as
-//! one transaction.
+//! one transaction per op or per request.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::config::SyncMode;
 use crate::merge::merge_patch;
+use crate::now_ms;
+use crate::recent::Recent;
 use crate::wire::Op;
 
 /// A storage failure. The HTTP layer answers it with 503.
@@ -53,12 +56,17 @@ pub enum Outcome {
         /// The entity's current version.
         version: i64,
     },
-    /// `base_version` was not the entity's version.
+    /// `base_version` was stale.
     Conflict {
-        /// The entity's current version.
+        /// The entity's version when the conflict happened.
         version: i64,
-        /// The entity's current state.
-        state: Value,
+        /// The entity's state then, when this answer carries it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        state: Option<Value>,
+        /// Set instead of `state` when the answer leaves the state out (a second conflict on
+        /// the entity in one answer, a state past the answer's budget, or a replay).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        state_omitted: bool,
     },
     /// The op is invalid and never will be applied.
     Rejected {
@@ -73,6 +81,16 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// A conflict at `version`, carrying `state` or the `state_omitted` marker.
+    pub fn conflict(version: i64, state: Option<Value>) -> Self {
+        let state_omitted = state.is_none();
+        Outcome::Conflict {
+            version,
+            state,
+            state_omitted,
+        }
+    }
+
     /// The wire name of the status.
     pub fn status(&self) -> &'static str {
         match self {
@@ -95,6 +113,15 @@ impl Outcome {
             Outcome::Applied { version } => *version,
             Outcome::Duplicate { version } | Outcome::Conflict { version, .. } => Some(*version),
             _ => None,
+        }
+    }
+
+    /// The same outcome without an entity state: what is stored and replayed, so that stored
+    /// results never hold a copy of the state per op.
+    pub fn without_state(&self) -> Self {
+        match self {
+            Outcome::Conflict { version, .. } => Outcome::conflict(*version, None),
+            other => other.clone(),
         }
     }
 }
@@ -130,10 +157,58 @@ pub struct KeyedRequest {
     pub fingerprint: [u8; 32],
 }
 
+/// The `created_at` range an op without an entity must fall in, relative to the store's
+/// clock when the op is applied. Such an op has no `last` seq to catch a resend after its
+/// stored result was purged; refusing any op older than the retention (minus a margin)
+/// makes sure a resend that passes still finds its stored result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// `created_at` may be at most this many ms in the past.
+    pub max_age_ms: i64,
+    /// `created_at` may be at most this many ms in the future.
+    pub max_ahead_ms: i64,
+}
+
+impl Window {
+    /// The window for a retention `r`: margin `m = min(r / 10, 1 h)`, ops from `r − 2m` ago
+    /// to `m` ahead. A first copy applied at `t1` has `created_at ≤ t1 + m`; a resend applied
+    /// at `t2` passes only if `created_at ≥ t2 − (r − 2m)`, so `t2 − t1 ≤ r − m < r` and the
+    /// first copy's result (kept at least `r`) is still there.
+    pub fn for_retention(retention: Duration) -> Self {
+        let r = retention.as_millis().min(i64::MAX as u128 / 4) as i64;
+        let margin = (r / 10).min(3_600_000);
+        Window {
+            max_age_ms: r - 2 * margin,
+            max_ahead_ms: margin,
+        }
+    }
+}
+
+/// The bounds one request is applied under.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// An op that would grow an entity's state (as JSON) past this many bytes is rejected.
+    pub max_state_bytes: usize,
+    /// Most bytes of entity state the conflicts of one answer carry.
+    pub answer_state_bytes: usize,
+    /// The `created_at` window of ops without an entity; `None` accepts any.
+    pub unordered: Option<Window>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_state_bytes: 256 << 10,
+            answer_state_bytes: 256 << 10,
+            unordered: None,
+        }
+    }
+}
+
 /// Everything [`Store::apply`] needs.
 #[derive(Debug, Clone)]
 pub struct ApplyRequest {
-    /// The tenant the bearer token named.
+    /// The tenant the credential named.
     pub tenant: String,
     /// The client id.
     pub client: String,
@@ -143,8 +218,10 @@ pub struct ApplyRequest {
     pub reject: Option<RejectRule>,
     /// Set for `/v1/op`.
     pub key: Option<KeyedRequest>,
-    /// The server's clock, ms since the epoch (recorded with stored results for retention).
-    pub now_ms: i64,
+    /// The bounds to apply under.
+    pub limits: Limits,
+    /// The size of the request body, a hint of the memory the request holds while it waits.
+    pub body_bytes: usize,
 }
 
 /// What [`Store::apply`] did.
@@ -180,17 +257,20 @@ pub struct Entity {
 
 /// The storage the server runs on.
 ///
-/// Contract: each [`apply`](Store::apply) is atomic and durable before its future resolves;
-/// every op's idempotency check, order check, version check, state change, `last` update and
-/// result record happen together or not at all. Concurrent calls for the same
-/// (tenant, client, op id) must serialise so that exactly one applies.
+/// Contract: within one [`apply`](Store::apply), ops are applied in order and each op's
+/// idempotency check, order check, version check, state change, `last` update and result
+/// record happen together or not at all, and are durable before the future resolves.
+/// Concurrent calls for the same (tenant, client, op id) must serialise so that exactly one
+/// applies. A conflict result carries the entity's state at most once per entity and
+/// call, within [`Limits::answer_state_bytes`]; stored results never keep the state. The
+/// [`Window`] and the time a result is stored at are read on the store's clock when the op
+/// is applied.
 pub trait Store: Send + Sync + 'static {
     /// Binds `client` to `tenant` on first use and says whether it belongs to `tenant`.
     fn bind_client(
         &self,
         tenant: &str,
         client: &str,
-        now_ms: i64,
     ) -> impl Future<Output = Result<Binding, StoreError>> + Send;
 
     /// Applies a request's ops (see the trait contract and docs/PROTOCOL.md, *Applying*).
@@ -216,14 +296,15 @@ pub trait Store: Send + Sync + 'static {
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
-/// Work for the writer thread.
+/// Work for the writer thread. A permit of the tenant's admission semaphore travels with the
+/// job and is given back when the writer is done with it.
 enum Job {
-    Apply(ApplyRequest, Reply<ApplyOutcome>),
+    Apply(ApplyRequest, Reply<ApplyOutcome>, OwnedSemaphorePermit),
     Bind {
         tenant: String,
         client: String,
-        now_ms: i64,
-        reply: Reply<Binding>,
+        reply: Reply<String>,
+        permit: OwnedSemaphorePermit,
     },
     Purge {
         before_ms: i64,
@@ -231,46 +312,40 @@ enum Job {
     },
 }
 
-impl Job {
-    /// Rough cost, to bound how much one group commit takes on.
-    fn weight(&self) -> usize {
-        match self {
-            Job::Apply(r, _) => r.ops.len(),
-            _ => 1,
-        }
-    }
-}
-
-/// A job done but not yet committed: its reply waits for the group's commit.
-enum Done {
-    Apply(Reply<ApplyOutcome>, Result<ApplyOutcome, StoreError>),
-    Bind(Reply<Binding>, Result<Binding, StoreError>),
-    Purge(Reply<u64>, Result<u64, StoreError>),
-}
-
-impl Done {
-    fn send(self, commit: &Result<(), StoreError>) {
-        // A receiver that went away (the client hung up) is fine: the work is committed anyway.
-        match self {
-            Done::Apply(tx, r) => drop(tx.send(commit.clone().and(r))),
-            Done::Bind(tx, r) => drop(tx.send(commit.clone().and(r))),
-            Done::Purge(tx, r) => drop(tx.send(commit.clone().and(r))),
-        }
-    }
-}
-
+/// How much of one tenant's work may be queued for the writer, in units of one op or one KiB
+/// of request body, whichever a request has more of (so at most 8,192 ops or about 8 MiB of
+/// bodies). A tenant past it waits (its own requests only) instead of filling a queue, and the
+/// memory, that every tenant shares.
+const LANE_UNITS: usize = 8_192;
+/// While another lane waits, a lane keeps the writer at most this long (then at the next op
+/// boundary it yields).
+const SLICE: Duration = Duration::from_micros(500);
+/// In a group that serves several lanes, a finished job waits for the commit at most about
+/// this long while other lanes' work runs.
+const WAIT: Duration = Duration::from_micros(250);
+/// A group commits after this long, or after [`GROUP_OPS`] ops, even when one lane is alone.
+const GROUP_MAX: Duration = Duration::from_millis(25);
 /// Most ops one group commit takes on before it commits.
 const GROUP_OPS: usize = 2_000;
+/// Rows one purge step deletes: about 1.5 ms of work here, so that a purge of any size
+/// delays other lanes by about one step (it once deleted 400,000 rows in one 0.9 s job).
+const PURGE_CHUNK: usize = 250;
+/// Client bindings cached in memory.
+const OWNERS_CACHED: usize = 65_536;
 
-/// SQLite in WAL mode. All writes go through one writer thread, which takes every job that is
-/// waiting and commits them together (group commit): one `fsync` covers many requests, and
-/// each job runs in its own savepoint so that one failing job does not undo the others. Reads
-/// use a separate connection, which WAL lets run beside the writer.
+/// SQLite in WAL mode. All writes go through one writer thread that serves a queue (lane)
+/// per tenant in turn, so that one tenant's large or many jobs cannot stall another's (see
+/// `Writer`). Reads use a separate connection, which WAL lets run beside the writer.
 pub struct SqliteStore {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::UnboundedSender<Job>,
+    /// Dropped with the store, which ends the checkpoint thread.
+    _stop_checkpoints: std::sync::mpsc::Sender<()>,
     reader: Arc<Mutex<Connection>>,
-    /// Client bindings never change once made, so they are cached.
-    bindings: Mutex<HashMap<String, String>>,
+    /// client → owning tenant. Bindings never change once made, so both answers (ours and
+    /// another tenant's) are cached; bounded, because strangers can make up client ids.
+    owners: Mutex<Recent<String, String>>,
+    /// Admission per tenant: the writer's queue for a tenant holds at most [`LANE_UNITS`].
+    admission: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
 const SCHEMA: &str = "
@@ -341,31 +416,64 @@ impl SqliteStore {
                 SyncMode::Normal => "NORMAL",
             },
         )?;
-        writer.busy_timeout(std::time::Duration::from_secs(5))?;
+        writer.busy_timeout(Duration::from_secs(5))?;
         writer.execute_batch(SCHEMA)?;
         writer.set_prepared_statement_cache_capacity(64);
+        // Large states span many overflow pages; a page cache of 64 MiB keeps a group's dirty
+        // pages in memory (no spill into the WAL mid-transaction) and hot entities cached.
+        writer.pragma_update(None, "cache_size", -65_536)?;
+        // Checkpoints (copying the WAL into the database file, with its syncs) run on a thread
+        // of their own, so that they never stall the writer and everyone waiting for it.
+        writer.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let checkpointer = Connection::open(path)?;
+        checkpointer.busy_timeout(Duration::from_secs(5))?;
+        let (stop_checkpoints, stopped) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpointer, stopped))
+            .map_err(|e| StoreError(format!("could not start the checkpoint thread: {e}")))?;
 
         let reader = Connection::open(path)?;
-        reader.busy_timeout(std::time::Duration::from_secs(5))?;
+        reader.busy_timeout(Duration::from_secs(5))?;
         reader.pragma_update(None, "query_only", true)?;
 
-        let (jobs, rx) = mpsc::channel(1024);
+        let (jobs, rx) = mpsc::unbounded_channel();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer_loop(writer, rx))
+            .spawn(move || Writer::new(writer, rx).run())
             .map_err(|e| StoreError(format!("could not start the writer thread: {e}")))?;
         Ok(SqliteStore {
             jobs,
+            _stop_checkpoints: stop_checkpoints,
             reader: Arc::new(Mutex::new(reader)),
-            bindings: Mutex::new(HashMap::new()),
+            owners: Mutex::new(Recent::new(OWNERS_CACHED)),
+            admission: Mutex::new(HashMap::new()),
         })
     }
 
-    async fn submit<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.jobs
-            .send(make(tx))
+    /// Waits until `tenant`'s lane has room for `units` more.
+    async fn admit(&self, tenant: &str, units: usize) -> Result<OwnedSemaphorePermit, StoreError> {
+        let semaphore = self
+            .admission
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(tenant.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(LANE_UNITS)))
+            .clone();
+        let n = units.clamp(1, LANE_UNITS) as u32;
+        semaphore
+            .acquire_many_owned(n)
             .await
+            .map_err(|_| StoreError("the writer's admission closed".into()))
+    }
+
+    async fn submit<T>(
+        &self,
+        job: Job,
+        rx: oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.jobs
+            .send(job)
             .map_err(|_| StoreError("the writer thread is gone".into()))?;
         rx.await
             .map_err(|_| StoreError("the writer thread is gone".into()))?
@@ -383,39 +491,50 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError(format!("read task failed: {e}")))?
     }
+
+    fn cached_owner(&self, client: &str) -> Option<String> {
+        self.owners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&client.to_owned())
+            .cloned()
+    }
 }
 
 impl Store for SqliteStore {
-    async fn bind_client(
-        &self,
-        tenant: &str,
-        client: &str,
-        now_ms: i64,
-    ) -> Result<Binding, StoreError> {
-        let cached = self
-            .bindings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(client)
-            .cloned();
-        let owner = match cached {
+    async fn bind_client(&self, tenant: &str, client: &str) -> Result<Binding, StoreError> {
+        let owner = match self.cached_owner(client) {
             Some(owner) => owner,
             None => {
-                let binding = self
-                    .submit(|reply| Job::Bind {
-                        tenant: tenant.to_owned(),
-                        client: client.to_owned(),
-                        now_ms,
-                        reply,
+                // A known client (and so every refusal of another tenant's client) costs a
+                // read, not a writer job; only a new client needs the writer.
+                let id = client.to_owned();
+                let known: Option<String> = self
+                    .read(move |conn| {
+                        conn.prepare_cached("SELECT tenant FROM clients WHERE client = ?1")?
+                            .query_row(params![id], |r| r.get(0))
+                            .optional()
                     })
                     .await?;
-                if binding == Binding::Ours {
-                    self.bindings
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(client.to_owned(), tenant.to_owned());
-                }
-                return Ok(binding);
+                let owner = match known {
+                    Some(owner) => owner,
+                    None => {
+                        let permit = self.admit(tenant, 1).await?;
+                        let (reply, rx) = oneshot::channel();
+                        let job = Job::Bind {
+                            tenant: tenant.to_owned(),
+                            client: client.to_owned(),
+                            reply,
+                            permit,
+                        };
+                        self.submit(job, rx).await?
+                    }
+                };
+                self.owners
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(client.to_owned(), owner.clone());
+                owner
             }
         };
         Ok(if owner == tenant {
@@ -426,7 +545,10 @@ impl Store for SqliteStore {
     }
 
     async fn apply(&self, request: ApplyRequest) -> Result<ApplyOutcome, StoreError> {
-        self.submit(|reply| Job::Apply(request, reply)).await
+        let units = request.ops.len().max(request.body_bytes / 1024);
+        let permit = self.admit(&request.tenant, units).await?;
+        let (reply, rx) = oneshot::channel();
+        self.submit(Job::Apply(request, reply, permit), rx).await
     }
 
     async fn entity(&self, tenant: &str, id: &str) -> Result<Option<Entity>, StoreError> {
@@ -448,7 +570,8 @@ impl Store for SqliteStore {
     }
 
     async fn purge(&self, before_ms: i64) -> Result<u64, StoreError> {
-        self.submit(|reply| Job::Purge { before_ms, reply }).await
+        let (reply, rx) = oneshot::channel();
+        self.submit(Job::Purge { before_ms, reply }, rx).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -464,92 +587,513 @@ impl Store for SqliteStore {
     }
 }
 
-fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut weight = first.weight();
-        let mut jobs = vec![first];
-        while weight < GROUP_OPS {
-            match rx.try_recv() {
-                Ok(job) => {
-                    weight += job.weight();
-                    jobs.push(job);
-                }
-                Err(_) => break,
-            }
+/// How often the checkpoint thread copies the WAL into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// Runs passive checkpoints (they wait for nobody) until the store is dropped.
+fn checkpoint_loop(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY)
+    {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "checkpoint failed");
         }
-        run_group(&mut conn, jobs);
     }
 }
 
-fn run_group(conn: &mut Connection, jobs: Vec<Job>) {
-    let mut done = Vec::with_capacity(jobs.len());
-    let commit = (|| -> Result<(), StoreError> {
-        let mut tx = conn.transaction()?;
-        for job in jobs {
-            done.push(match job {
-                Job::Apply(request, reply) => {
-                    Done::Apply(reply, in_savepoint(&mut tx, |c| apply(c, &request)))
-                }
-                Job::Bind {
+/// A lane of the writer: one tenant's jobs, or the purge.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+enum Lane {
+    Tenant(Arc<str>),
+    Purge,
+}
+
+/// A job the writer is working on.
+enum Task {
+    Apply(Box<ApplyTask>),
+    Bind {
+        tenant: String,
+        client: String,
+        reply: Reply<String>,
+        _permit: OwnedSemaphorePermit,
+        owner: Option<String>,
+    },
+    Purge(PurgeTask),
+}
+
+struct ApplyTask {
+    request: ApplyRequest,
+    reply: Reply<ApplyOutcome>,
+    _permit: OwnedSemaphorePermit,
+    /// The next op to apply; the ops before it are applied (maybe in earlier groups).
+    next: usize,
+    results: Vec<OpResult>,
+    /// Set when a keyed request found its stored answer.
+    keyed: Option<ApplyOutcome>,
+    /// Entities whose state this answer already carries, and the state budget left.
+    shown: HashSet<String>,
+    budget: usize,
+}
+
+struct PurgeTask {
+    before_ms: i64,
+    reply: Reply<u64>,
+    deleted: u64,
+    chunks: u64,
+    results_done: bool,
+    done: bool,
+}
+
+/// A finished job: its reply waits for the group's commit.
+enum Done {
+    Apply(Reply<ApplyOutcome>, Result<ApplyOutcome, StoreError>),
+    Bind(Reply<String>, Result<String, StoreError>),
+    Purge(Reply<u64>, Result<u64, StoreError>),
+}
+
+impl Done {
+    fn send(self, commit: &Result<(), StoreError>) {
+        // A receiver that went away (the client hung up) is fine: the work is committed anyway.
+        match self {
+            Done::Apply(tx, r) => drop(tx.send(commit.clone().and(r))),
+            Done::Bind(tx, r) => drop(tx.send(commit.clone().and(r))),
+            Done::Purge(tx, r) => drop(tx.send(commit.clone().and(r))),
+        }
+    }
+}
+
+impl Task {
+    fn from_job(job: Job) -> (Lane, Task) {
+        match job {
+            Job::Apply(request, reply, permit) => {
+                let budget = request.limits.answer_state_bytes;
+                (
+                    Lane::Tenant(request.tenant.as_str().into()),
+                    Task::Apply(Box::new(ApplyTask {
+                        results: Vec::with_capacity(request.ops.len()),
+                        request,
+                        reply,
+                        _permit: permit,
+                        next: 0,
+                        keyed: None,
+                        shown: HashSet::new(),
+                        budget,
+                    })),
+                )
+            }
+            Job::Bind {
+                tenant,
+                client,
+                reply,
+                permit,
+            } => (
+                Lane::Tenant(tenant.as_str().into()),
+                Task::Bind {
                     tenant,
                     client,
-                    now_ms,
                     reply,
-                } => Done::Bind(
+                    _permit: permit,
+                    owner: None,
+                },
+            ),
+            Job::Purge { before_ms, reply } => (
+                Lane::Purge,
+                Task::Purge(PurgeTask {
+                    before_ms,
                     reply,
-                    in_savepoint(&mut tx, |c| bind(c, &tenant, &client, now_ms)),
-                ),
-                Job::Purge { before_ms, reply } => {
-                    Done::Purge(reply, in_savepoint(&mut tx, |c| purge(c, before_ms)))
-                }
-            });
+                    deleted: 0,
+                    chunks: 0,
+                    results_done: false,
+                    done: false,
+                }),
+            ),
         }
-        tx.commit()?;
-        Ok(())
-    })();
-    if let Err(e) = &commit {
-        tracing::error!(error = %e, "storage commit failed");
     }
-    for d in done {
-        d.send(&commit);
+
+    /// Does one step (one op, one bind, one purge chunk); returns whether the task is done.
+    fn step(&mut self, conn: &Connection) -> rusqlite::Result<bool> {
+        match self {
+            Task::Apply(task) => task.step(conn),
+            Task::Bind {
+                tenant,
+                client,
+                owner,
+                ..
+            } => {
+                *owner = Some(bind(conn, tenant, client)?);
+                Ok(true)
+            }
+            Task::Purge(task) => task.step(conn),
+        }
+    }
+
+    /// The reply once the task is done, or failed with `error`.
+    fn finish(self, error: Option<StoreError>) -> Done {
+        match self {
+            Task::Apply(task) => {
+                let outcome = match error {
+                    Some(e) => Err(e),
+                    None => Ok(task.keyed.unwrap_or(ApplyOutcome::Results(task.results))),
+                };
+                Done::Apply(task.reply, outcome)
+            }
+            Task::Bind { reply, owner, .. } => {
+                let owner = match (error, owner) {
+                    (Some(e), _) => Err(e),
+                    (None, Some(owner)) => Ok(owner),
+                    (None, None) => Err(StoreError("the client was not bound".into())),
+                };
+                Done::Bind(reply, owner)
+            }
+            Task::Purge(task) => {
+                if error.is_none() && task.deleted > 0 {
+                    tracing::info!(
+                        rows = task.deleted,
+                        chunks = task.chunks,
+                        "purged expired results"
+                    );
+                }
+                Done::Purge(task.reply, error.map_or(Ok(task.deleted), Err))
+            }
+        }
     }
 }
 
-fn in_savepoint<T>(
-    tx: &mut Transaction<'_>,
-    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-) -> Result<T, StoreError> {
-    let sp = tx.savepoint()?;
-    let out = f(&sp)?;
-    sp.commit()?;
-    Ok(out)
+impl ApplyTask {
+    fn step(&mut self, conn: &Connection) -> rusqlite::Result<bool> {
+        let now = now_ms();
+        if let Some(key) = &self.request.key {
+            // A keyed request has one op; its key lookup, the op and the key record are one
+            // step, so they commit together.
+            let stored: Option<(Vec<u8>, String, String)> = conn
+                .prepare_cached(
+                    "SELECT fingerprint, op_id, outcome FROM idempotency_keys
+                     WHERE tenant = ?1 AND client = ?2 AND key = ?3",
+                )?
+                .query_row(
+                    params![self.request.tenant, self.request.client, key.key],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            if let Some((fingerprint, id, outcome)) = stored {
+                self.keyed = Some(if fingerprint == key.fingerprint {
+                    ApplyOutcome::KeyReplay(OpResult {
+                        id,
+                        outcome: decode(&outcome)?.without_state(),
+                        replayed: true,
+                    })
+                } else {
+                    ApplyOutcome::KeyReused
+                });
+                return Ok(true);
+            }
+            let Some(op) = self.request.ops.first() else {
+                return Ok(true);
+            };
+            let result = apply_op(
+                conn,
+                &self.request,
+                op,
+                now,
+                &mut self.shown,
+                &mut self.budget,
+            )?;
+            if result.outcome.is_final() {
+                conn.prepare_cached(
+                    "INSERT INTO idempotency_keys (tenant, client, key, fingerprint, op_id, outcome, stored_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?
+                .execute(params![
+                    self.request.tenant,
+                    self.request.client,
+                    key.key,
+                    key.fingerprint.as_slice(),
+                    result.id,
+                    encode(&result.outcome.without_state())?,
+                    now
+                ])?;
+            }
+            self.results.push(result);
+            return Ok(true);
+        }
+        let Some(op) = self.request.ops.get(self.next) else {
+            return Ok(true);
+        };
+        let result = apply_op(
+            conn,
+            &self.request,
+            op,
+            now,
+            &mut self.shown,
+            &mut self.budget,
+        )?;
+        self.results.push(result);
+        self.next += 1;
+        Ok(self.next >= self.request.ops.len())
+    }
 }
 
-fn bind(conn: &Connection, tenant: &str, client: &str, now_ms: i64) -> rusqlite::Result<Binding> {
+impl PurgeTask {
+    /// Deletes up to [`PURGE_CHUNK`] rows: results first, then Idempotency-Key responses.
+    fn step(&mut self, conn: &Connection) -> rusqlite::Result<bool> {
+        let sql = if self.results_done {
+            "DELETE FROM idempotency_keys WHERE (tenant, client, key) IN
+               (SELECT tenant, client, key FROM idempotency_keys WHERE stored_at < ?1 LIMIT ?2)"
+        } else {
+            "DELETE FROM results WHERE (tenant, client, op_id) IN
+               (SELECT tenant, client, op_id FROM results WHERE stored_at < ?1 LIMIT ?2)"
+        };
+        let n = conn
+            .prepare_cached(sql)?
+            .execute(params![self.before_ms, PURGE_CHUNK as i64])?;
+        self.deleted += n as u64;
+        self.chunks += 1;
+        if n < PURGE_CHUNK {
+            if self.results_done {
+                self.done = true;
+            }
+            self.results_done = true;
+        }
+        Ok(self.done)
+    }
+}
+
+/// The writer thread's state. Jobs arrive on one channel and are sorted into lanes, one per
+/// tenant plus one for the purge; the lanes take turns (round robin). A group is one
+/// transaction and one commit; it runs lane after lane until nothing is left, or until
+/// [`GROUP_MAX`] or [`GROUP_OPS`] (so that a lone busy tenant still gets group commit), or,
+/// when it serves more than one lane, once a finished job has waited [`WAIT`], or before a
+/// lane whose steps lately took long enough to keep another lane's finished reply past
+/// [`WAIT`]. Within a group a lane yields after [`SLICE`] whenever another lane waits, at an
+/// op boundary: a request of many ops may so be applied across several groups, op by op, in
+/// order. The writer thus never runs one tenant's work for much longer than a slice and one
+/// op while another tenant waits, whatever the size of its requests.
+struct Writer {
+    conn: Connection,
+    rx: mpsc::UnboundedReceiver<Job>,
+    lanes: HashMap<Lane, VecDeque<Task>>,
+    /// Lanes with work, in turn order; the lane running now is not in it.
+    ring: VecDeque<Lane>,
+    /// What one step of each lane took lately (a moving average), to tell whether running it
+    /// before the commit would keep other lanes' finished replies waiting too long.
+    step_cost: HashMap<Lane, Duration>,
+}
+
+impl Writer {
+    fn new(conn: Connection, rx: mpsc::UnboundedReceiver<Job>) -> Self {
+        Writer {
+            conn,
+            rx,
+            lanes: HashMap::new(),
+            ring: VecDeque::new(),
+            step_cost: HashMap::new(),
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            if self.ring.is_empty() {
+                match self.rx.blocking_recv() {
+                    Some(job) => enqueue(&mut self.lanes, &mut self.ring, None, job),
+                    None => return,
+                }
+            }
+            drain(&mut self.rx, &mut self.lanes, &mut self.ring, None);
+            self.group();
+        }
+    }
+
+    fn group(&mut self) {
+        let Writer {
+            conn,
+            rx,
+            lanes,
+            ring,
+            step_cost,
+        } = self;
+        let started = Instant::now();
+        let mut done: Vec<Done> = Vec::new();
+        let mut ops = 0usize;
+        let mut served: Vec<Lane> = Vec::new();
+        // When the first job of this group finished: its reply waits for the commit.
+        let mut first_done: Option<Instant> = None;
+        let mut tx = match conn.transaction() {
+            Ok(tx) => tx,
+            Err(e) => {
+                // Nothing can run: fail the lane at the front so that the writer does not spin.
+                tracing::error!(error = %e, "storage could not begin a transaction");
+                if let Some(lane) = ring.pop_front()
+                    && let Some(queue) = lanes.remove(&lane)
+                {
+                    let error = StoreError::from(e);
+                    for task in queue {
+                        fail(task, error.clone());
+                    }
+                }
+                return;
+            }
+        };
+        // Whether the group must commit now: it is full, or it serves several lanes and a
+        // finished reply has waited long enough for others' work.
+        let commit_due = |now: Instant, ops: usize, served: usize, first_done: Option<Instant>| {
+            ops >= GROUP_OPS
+                || now - started >= GROUP_MAX
+                || (served > 1 && first_done.is_some_and(|t| now - t >= WAIT))
+        };
+        let mut commit_now = false;
+        // Lanes whose finished replies wait for this group's commit.
+        let mut waiting: Vec<Lane> = Vec::new();
+        while let Some(lane) = ring.pop_front() {
+            // Another lane's replies wait: if one step of this lane would keep them past
+            // WAIT, commit first and run it in the next group.
+            if let Some(since) = first_done
+                && waiting.iter().any(|l| *l != lane)
+                && since.elapsed() + step_cost.get(&lane).copied().unwrap_or_default() >= WAIT
+            {
+                ring.push_front(lane);
+                break;
+            }
+            if !served.contains(&lane) {
+                served.push(lane.clone());
+            }
+            let slice_started = Instant::now();
+            // The lane yields once it had its slice and another lane waits.
+            let slice_over = |now: Instant, ring: &VecDeque<Lane>| {
+                !ring.is_empty() && now - slice_started >= SLICE
+            };
+            loop {
+                let Some(mut task) = lanes.get_mut(&lane).and_then(VecDeque::pop_front) else {
+                    break;
+                };
+                let (n_served, done_at) = (served.len(), first_done);
+                let cost = step_cost.entry(lane.clone()).or_default();
+                let outcome = (|| -> Result<bool, StoreError> {
+                    let sp = tx.savepoint()?;
+                    let mut finished;
+                    loop {
+                        let step_started = Instant::now();
+                        finished = task.step(&sp)?;
+                        let now = Instant::now();
+                        *cost = (*cost * 7 + (now - step_started)) / 8;
+                        ops += 1;
+                        if finished {
+                            break;
+                        }
+                        drain(rx, lanes, ring, Some(&lane));
+                        if commit_due(now, ops, n_served, done_at) || slice_over(now, ring) {
+                            break;
+                        }
+                    }
+                    sp.commit()?;
+                    Ok(finished)
+                })();
+                match outcome {
+                    Ok(true) => {
+                        done.push(task.finish(None));
+                        first_done.get_or_insert_with(Instant::now);
+                        if !waiting.contains(&lane) {
+                            waiting.push(lane.clone());
+                        }
+                    }
+                    Ok(false) => {
+                        // Yielding mid-task: it stays at the head of its lane.
+                        if let Some(queue) = lanes.get_mut(&lane) {
+                            queue.push_front(task);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "storage failed a job");
+                        done.push(task.finish(Some(e)));
+                        first_done.get_or_insert_with(Instant::now);
+                        if !waiting.contains(&lane) {
+                            waiting.push(lane.clone());
+                        }
+                    }
+                }
+                drain(rx, lanes, ring, Some(&lane));
+                let now = Instant::now();
+                if commit_due(now, ops, served.len(), first_done) {
+                    commit_now = true;
+                    break;
+                }
+                if slice_over(now, ring) {
+                    break;
+                }
+            }
+            match lanes.get(&lane) {
+                Some(queue) if !queue.is_empty() => ring.push_back(lane),
+                _ => {
+                    lanes.remove(&lane);
+                }
+            }
+            if commit_now || commit_due(Instant::now(), ops, served.len(), first_done) {
+                break;
+            }
+        }
+        let work = started.elapsed();
+        let commit = tx.commit().map_err(StoreError::from);
+        if let Err(e) = &commit {
+            tracing::error!(error = %e, "storage commit failed");
+        }
+        tracing::trace!(
+            ops,
+            lanes = served.len(),
+            replies = done.len(),
+            work_us = work.as_micros() as u64,
+            commit_us = (started.elapsed() - work).as_micros() as u64,
+            "group committed"
+        );
+        for d in done {
+            d.send(&commit);
+        }
+    }
+}
+
+/// Fails a task that never ran (its transaction could not begin).
+fn fail(task: Task, error: StoreError) {
+    let done = match task {
+        Task::Apply(t) => Done::Apply(t.reply, Err(error)),
+        Task::Bind { reply, .. } => Done::Bind(reply, Err(error)),
+        Task::Purge(t) => Done::Purge(t.reply, Err(error)),
+    };
+    done.send(&Ok(()));
+}
+
+/// Files a job into its lane; a lane that gets work joins the ring unless it is `running`.
+fn enqueue(
+    lanes: &mut HashMap<Lane, VecDeque<Task>>,
+    ring: &mut VecDeque<Lane>,
+    running: Option<&Lane>,
+    job: Job,
+) {
+    let (lane, task) = Task::from_job(job);
+    let queue = lanes.entry(lane.clone()).or_default();
+    let idle = queue.is_empty();
+    queue.push_back(task);
+    if idle && running != Some(&lane) && !ring.contains(&lane) {
+        ring.push_back(lane);
+    }
+}
+
+/// Files every job that is waiting.
+fn drain(
+    rx: &mut mpsc::UnboundedReceiver<Job>,
+    lanes: &mut HashMap<Lane, VecDeque<Task>>,
+    ring: &mut VecDeque<Lane>,
+    running: Option<&Lane>,
+) {
+    while let Ok(job) = rx.try_recv() {
+        enqueue(lanes, ring, running, job);
+    }
+}
+
+/// Binds `client` to `tenant` unless it is bound already; returns its owner.
+fn bind(conn: &Connection, tenant: &str, client: &str) -> rusqlite::Result<String> {
     conn.prepare_cached(
         "INSERT OR IGNORE INTO clients (client, tenant, bound_at) VALUES (?1, ?2, ?3)",
     )?
-    .execute(params![client, tenant, now_ms])?;
-    let owner: String = conn
-        .prepare_cached("SELECT tenant FROM clients WHERE client = ?1")?
-        .query_row(params![client], |r| r.get(0))?;
-    Ok(if owner == tenant {
-        Binding::Ours
-    } else {
-        Binding::OtherTenant
-    })
-}
-
-fn purge(conn: &Connection, before_ms: i64) -> rusqlite::Result<u64> {
-    let results = conn.execute(
-        "DELETE FROM results WHERE stored_at < ?1",
-        params![before_ms],
-    )?;
-    let keys = conn.execute(
-        "DELETE FROM idempotency_keys WHERE stored_at < ?1",
-        params![before_ms],
-    )?;
-    Ok((results + keys) as u64)
+    .execute(params![client, tenant, now_ms()])?;
+    conn.prepare_cached("SELECT tenant FROM clients WHERE client = ?1")?
+        .query_row(params![client], |r| r.get(0))
 }
 
 fn decode(outcome: &str) -> rusqlite::Result<Outcome> {
@@ -560,56 +1104,16 @@ fn encode(outcome: &Outcome) -> rusqlite::Result<String> {
     serde_json::to_string(outcome).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
 }
 
-fn apply(conn: &Connection, req: &ApplyRequest) -> rusqlite::Result<ApplyOutcome> {
-    if let Some(key) = &req.key {
-        let stored: Option<(Vec<u8>, String, String)> = conn
-            .prepare_cached(
-                "SELECT fingerprint, op_id, outcome FROM idempotency_keys
-                 WHERE tenant = ?1 AND client = ?2 AND key = ?3",
-            )?
-            .query_row(params![req.tenant, req.client, key.key], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .optional()?;
-        if let Some((fingerprint, id, outcome)) = stored {
-            return Ok(if fingerprint == key.fingerprint {
-                ApplyOutcome::KeyReplay(OpResult {
-                    id,
-                    outcome: decode(&outcome)?,
-                    replayed: true,
-                })
-            } else {
-                ApplyOutcome::KeyReused
-            });
-        }
-    }
-    let results = req
-        .ops
-        .iter()
-        .map(|op| apply_op(conn, req, op))
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    if let (Some(key), [result]) = (&req.key, results.as_slice())
-        && result.outcome.is_final()
-    {
-        conn.prepare_cached(
-            "INSERT INTO idempotency_keys (tenant, client, key, fingerprint, op_id, outcome, stored_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?
-        .execute(params![
-            req.tenant,
-            req.client,
-            key.key,
-            key.fingerprint.as_slice(),
-            result.id,
-            encode(&result.outcome)?,
-            req.now_ms
-        ])?;
-    }
-    Ok(ApplyOutcome::Results(results))
-}
-
-/// The five steps of docs/PROTOCOL.md, *Applying an op*.
-fn apply_op(conn: &Connection, req: &ApplyRequest, op: &Op) -> rusqlite::Result<OpResult> {
+/// The five steps of docs/PROTOCOL.md, *Applying an op*, at store time `now`. `shown` and
+/// `budget` bound the states the request's answer carries.
+fn apply_op(
+    conn: &Connection,
+    req: &ApplyRequest,
+    op: &Op,
+    now: i64,
+    shown: &mut HashSet<String>,
+    budget: &mut usize,
+) -> rusqlite::Result<OpResult> {
     let (tenant, client) = (&req.tenant, &req.client);
     let result = |outcome, replayed| OpResult {
         id: op.id.clone(),
@@ -625,13 +1129,14 @@ fn apply_op(conn: &Connection, req: &ApplyRequest, op: &Op) -> rusqlite::Result<
         .query_row(params![tenant, client, op.id], |r| r.get(0))
         .optional()?;
     if let Some(outcome) = stored {
-        return Ok(result(decode(&outcome)?, true));
+        return Ok(result(decode(&outcome)?.without_state(), true));
     }
+    // The stored copy never holds the state; the answer may.
     let store = |outcome: Outcome| -> rusqlite::Result<OpResult> {
         conn.prepare_cached(
             "INSERT INTO results (tenant, client, op_id, outcome, stored_at) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?
-        .execute(params![tenant, client, op.id, encode(&outcome)?, req.now_ms])?;
+        .execute(params![tenant, client, op.id, encode(&outcome.without_state())?, now])?;
         Ok(result(outcome, false))
     };
 
@@ -645,6 +1150,25 @@ fn apply_op(conn: &Connection, req: &ApplyRequest, op: &Op) -> rusqlite::Result<
         return store(Outcome::Rejected { reason });
     }
     let Some(entity) = &op.entity else {
+        if let Some(window) = req.limits.unordered {
+            if op.created_at < now.saturating_sub(window.max_age_ms) {
+                return store(Outcome::Rejected {
+                    reason: format!(
+                        "expired: created_at is more than {} s old, and an op without an entity \
+                         that old could outlive its stored result and apply twice",
+                        window.max_age_ms / 1000
+                    ),
+                });
+            }
+            if op.created_at > now.saturating_add(window.max_ahead_ms) {
+                return store(Outcome::Rejected {
+                    reason: format!(
+                        "created_at is more than {} ms ahead of the server's clock",
+                        window.max_ahead_ms
+                    ),
+                });
+            }
+        }
         return store(Outcome::Applied { version: None });
     };
 
@@ -662,7 +1186,7 @@ fn apply_op(conn: &Connection, req: &ApplyRequest, op: &Op) -> rusqlite::Result<
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
         })
         .optional()?;
-    let (version, state, writer, run_base) =
+    let (version, text, writer, run_base) =
         current.unwrap_or_else(|| (0, "{}".to_owned(), String::new(), 0));
     if op.seq <= last {
         return store(Outcome::Duplicate { version });
@@ -670,21 +1194,40 @@ fn apply_op(conn: &Connection, req: &ApplyRequest, op: &Op) -> rusqlite::Result<
     if last < op.prev {
         return Ok(result(Outcome::OutOfOrder { last }, false));
     }
-    let mut state: Value =
-        serde_json::from_str(&state).unwrap_or_else(|_| Value::Object(Default::default()));
 
     // 4. Version. Stale means another client wrote after `base` (this client's own writes were
-    // made on top of what it read), or `base` names a version that does not exist yet.
+    // made on top of what it read), or `base` names a version that does not exist yet. The
+    // state is parsed only when the answer will carry it: once per entity, within the budget.
     let own_run = writer == *client;
     let foreign = if own_run { run_base } else { version };
     if let Some(base) = op.base_version
         && (base < foreign || base > version)
     {
-        return store(Outcome::Conflict { version, state });
+        let state = if !shown.contains(entity.as_str()) && text.len() <= *budget {
+            *budget -= text.len();
+            shown.insert(entity.clone());
+            serde_json::from_str(&text).ok()
+        } else {
+            None
+        };
+        return store(Outcome::conflict(version, state));
     }
 
-    // 5. Apply.
+    // 5. Apply, unless the state would grow past the limit.
+    let mut state: Value =
+        serde_json::from_str(&text).unwrap_or_else(|_| Value::Object(Default::default()));
     merge_patch(&mut state, &op.payload);
+    let merged = state.to_string();
+    if merged.len() > req.limits.max_state_bytes && merged.len() > text.len() {
+        return store(Outcome::Rejected {
+            reason: format!(
+                "state too large: this op would make the entity's state {} bytes, over the \
+                 server's limit of {} bytes",
+                merged.len(),
+                req.limits.max_state_bytes
+            ),
+        });
+    }
     let run_base = if own_run { run_base } else { version };
     let version = version + 1;
     conn.prepare_cached(
@@ -693,14 +1236,7 @@ fn apply_op(conn: &Connection, req: &ApplyRequest, op: &Op) -> rusqlite::Result<
          ON CONFLICT (tenant, entity) DO UPDATE SET version = excluded.version,
            state = excluded.state, writer = excluded.writer, run_base = excluded.run_base",
     )?
-    .execute(params![
-        tenant,
-        entity,
-        version,
-        state.to_string(),
-        client,
-        run_base
-    ])?;
+    .execute(params![tenant, entity, version, merged, client, run_base])?;
     conn.prepare_cached(
         "INSERT INTO lasts (tenant, client, entity, last) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (tenant, client, entity) DO UPDATE SET last = excluded.last",
@@ -709,4 +1245,45 @@ fn apply_op(conn: &Connection, req: &ApplyRequest, op: &Op) -> rusqlite::Result<
     store(Outcome::Applied {
         version: Some(version),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn conflicts_serialize_with_the_state_or_the_marker() {
+        let with = OpResult {
+            id: "a".into(),
+            outcome: Outcome::conflict(9, Some(json!({"x": 1}))),
+            replayed: false,
+        };
+        assert_eq!(
+            serde_json::to_value(&with).unwrap(),
+            json!({"id": "a", "status": "conflict", "version": 9, "state": {"x": 1}})
+        );
+        let without = OpResult {
+            outcome: with.outcome.without_state(),
+            replayed: true,
+            ..with
+        };
+        assert_eq!(
+            serde_json::to_value(&without).unwrap(),
+            json!({"id": "a", "status": "conflict", "version": 9, "state_omitted": true, "replayed": true})
+        );
+        // A row stored before states were left out still decodes, and replays without it.
+        let old: Outcome =
+            serde_json::from_str(r#"{"status":"conflict","version":3,"state":{"y":2}}"#).unwrap();
+        assert_eq!(old.without_state(), Outcome::conflict(3, None));
+    }
+
+    #[test]
+    fn the_unordered_window_leaves_a_margin_on_both_sides() {
+        let w = Window::for_retention(Duration::from_secs(7 * 86_400));
+        assert_eq!(w.max_ahead_ms, 3_600_000);
+        assert_eq!(w.max_age_ms, 7 * 86_400_000 - 7_200_000);
+        let w = Window::for_retention(Duration::from_secs(1));
+        assert_eq!((w.max_age_ms, w.max_ahead_ms), (800, 100));
+    }
 }

@@ -31,8 +31,9 @@ pub struct Envelope {
     pub ops: Vec<Op>,
     /// The bearer token carried in the body (beacons cannot set headers).
     pub access_token: Option<String>,
-    /// SHA-256 of the canonical form of `{client, ops}`, for Idempotency-Key checks.
-    pub fingerprint: [u8; 32],
+    /// SHA-256 of the canonical form of `{client, ops}`, for Idempotency-Key checks; only
+    /// computed when asked for (it costs a pass over the whole body).
+    pub fingerprint: Option<[u8; 32]>,
 }
 
 /// One op as it came over the wire.
@@ -125,8 +126,8 @@ impl Path {
     }
 }
 
-/// Parses and checks a request body.
-pub fn parse_envelope(body: &[u8]) -> Result<Envelope, Malformed> {
+/// Parses and checks a request body; `fingerprint` asks for [`Envelope::fingerprint`].
+pub fn parse_envelope(body: &[u8], fingerprint: bool) -> Result<Envelope, Malformed> {
     let root = Path::root();
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| Malformed::at(&root, format!("not valid JSON ({e})")))?;
@@ -165,21 +166,46 @@ pub fn parse_envelope(body: &[u8]) -> Result<Envelope, Malformed> {
         .enumerate()
         .map(|(i, item)| parse_op(item, &ops_path.index(i)))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut canonical = Vec::with_capacity(body.len());
-    write_canonical(
-        &mut canonical,
-        &Value::Object(Map::from_iter([
-            ("client".to_owned(), Value::String(client.clone())),
-            ("ops".to_owned(), ops_value.clone()),
-        ])),
-    );
-    let fingerprint = Sha256::digest(&canonical).into();
+    let fingerprint = fingerprint.then(|| {
+        let mut canonical = Vec::with_capacity(body.len());
+        write_canonical(
+            &mut canonical,
+            &Value::Object(Map::from_iter([
+                ("client".to_owned(), Value::String(client.clone())),
+                ("ops".to_owned(), ops_value.clone()),
+            ])),
+        );
+        Sha256::digest(&canonical).into()
+    });
     Ok(Envelope {
         client,
         ops,
         access_token,
         fingerprint,
     })
+}
+
+impl Op {
+    /// SHA-256 of the op's canonical form: an object of exactly `id`, `seq`, `prev`, `entity`,
+    /// `kind`, `payload`, `base_version` (`null` when absent) and `created_at`, written as the
+    /// Idempotency-Key fingerprint writes JSON (members sorted, no white space). A beacon grant
+    /// names its ops by this digest, so a grant for an op id covers that one body only.
+    /// Unknown fields are ignored by the protocol, so they do not count here either.
+    pub fn digest(&self) -> [u8; 32] {
+        let value = Value::Object(Map::from_iter([
+            ("base_version".to_owned(), self.base_version.into()),
+            ("created_at".to_owned(), self.created_at.into()),
+            ("entity".to_owned(), self.entity.clone().into()),
+            ("id".to_owned(), self.id.clone().into()),
+            ("kind".to_owned(), self.kind.clone().into()),
+            ("payload".to_owned(), self.payload.clone()),
+            ("prev".to_owned(), self.prev.into()),
+            ("seq".to_owned(), self.seq.into()),
+        ]));
+        let mut canonical = Vec::new();
+        write_canonical(&mut canonical, &value);
+        Sha256::digest(&canonical).into()
+    }
 }
 
 fn parse_op(item: &Value, path: &Path) -> Result<Op, Malformed> {
@@ -351,6 +377,10 @@ mod tests {
 
     const ID: &str = "0b6f5a0e-3c1d-4c5e-9a43-6d3f1f0f2b7a";
 
+    fn parse_envelope_test(body: &[u8]) -> Result<Envelope, Malformed> {
+        parse_envelope(body, true)
+    }
+
     fn op() -> Value {
         json!({"id": ID, "seq": 2, "prev": 1, "entity": "pr/17", "kind": "comment",
                "payload": {"a": 1}, "base_version": 6, "created_at": 1})
@@ -362,23 +392,58 @@ mod tests {
 
     #[test]
     fn fingerprint_ignores_member_order_and_whitespace() {
-        let a = parse_envelope(&env(json!([op()]))).unwrap();
+        let a = parse_envelope_test(&env(json!([op()]))).unwrap();
         let reordered = format!(
             r#"{{ "ops": [{{"created_at":1,"payload":{{"a":1}},"kind":"comment","entity":"pr/17","prev":1,"seq":2,"base_version":6,"id":"{ID}"}}], "client": "{ID}" }}"#
         );
-        let b = parse_envelope(reordered.as_bytes()).unwrap();
+        let b = parse_envelope_test(reordered.as_bytes()).unwrap();
         assert_eq!(a.fingerprint, b.fingerprint);
         let mut other = op();
         other["payload"] = json!({"a": 2});
-        let c = parse_envelope(&env(json!([other]))).unwrap();
+        let c = parse_envelope_test(&env(json!([other]))).unwrap();
         assert_ne!(a.fingerprint, c.fingerprint);
+    }
+
+    #[test]
+    fn the_op_digest_covers_every_field_but_not_member_order() {
+        let base = parse_envelope_test(&env(json!([op()]))).unwrap().ops[0].digest();
+        let reordered = format!(
+            r#"{{"client":"{ID}","ops":[{{"created_at":1,"payload":{{"a":1}},"kind":"comment","entity":"pr/17","prev":1,"seq":2,"base_version":6,"id":"{ID}","extra":true}}]}}"#
+        );
+        assert_eq!(
+            parse_envelope_test(reordered.as_bytes()).unwrap().ops[0].digest(),
+            base
+        );
+        for (field, value) in [
+            ("id", json!("1b6f5a0e-3c1d-4c5e-9a43-6d3f1f0f2b7a")),
+            ("seq", json!(3)),
+            ("prev", json!(0)),
+            ("entity", json!("pr/18")),
+            ("kind", json!("approve")),
+            ("payload", json!({"a": 2})),
+            ("base_version", json!(7)),
+            ("created_at", json!(2)),
+        ] {
+            let mut changed = op();
+            changed[field] = value;
+            let digest = parse_envelope_test(&env(json!([changed]))).unwrap().ops[0].digest();
+            assert_ne!(digest, base, "{field} is not covered");
+        }
+        let mut absent = op();
+        absent.as_object_mut().unwrap().remove("base_version");
+        let mut explicit = op();
+        explicit["base_version"] = Value::Null;
+        assert_eq!(
+            parse_envelope_test(&env(json!([absent]))).unwrap().ops[0].digest(),
+            parse_envelope_test(&env(json!([explicit]))).unwrap().ops[0].digest()
+        );
     }
 
     #[test]
     fn wrong_types_point_at_the_field() {
         let mut bad = op();
         bad["seq"] = json!("2");
-        let err = parse_envelope(&env(json!([op(), bad]))).unwrap_err();
+        let err = parse_envelope_test(&env(json!([op(), bad]))).unwrap_err();
         assert_eq!(err.pointer, "/ops/1/seq");
         assert_eq!(err.detail, "ops[1].seq: expected an integer");
     }
@@ -387,11 +452,11 @@ mod tests {
     fn value_rules_mark_the_op_invalid_instead_of_failing_the_body() {
         let mut bad = op();
         bad["prev"] = json!(2);
-        let parsed = parse_envelope(&env(json!([bad]))).unwrap();
+        let parsed = parse_envelope_test(&env(json!([bad]))).unwrap();
         assert!(parsed.ops[0].invalid.is_some());
         let mut bad = op();
         bad["payload"] = json!([1]);
-        let parsed = parse_envelope(&env(json!([bad]))).unwrap();
+        let parsed = parse_envelope_test(&env(json!([bad]))).unwrap();
         assert_eq!(
             parsed.ops[0].invalid.as_deref(),
             Some("payload must be a JSON object")

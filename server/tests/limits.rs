@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ADMIN, Server, TOKEN, envelope, op, uuid};
+use common::{ADMIN, OTHER, Server, TOKEN, addr, envelope, op, read_until_closed, status_of, uuid};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -579,6 +579,21 @@ async fn help_lists_every_flag() {
         "--fault-reset",
         "--fault-drop-after-commit",
         "--demo-pages",
+        "--tokens-file",
+        "--tenant-rate",
+        "--tenant-burst",
+        "--max-state-bytes",
+        "--max-answer-state-bytes",
+        "--header-timeout",
+        "--idle-timeout",
+        "--body-timeout",
+        "--body-min-rate",
+        "--request-timeout",
+        "--max-connections",
+        "--max-connections-per-ip",
+        "--grant-key-file",
+        "--grant-ttl",
+        "--beacon-access-token",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
@@ -624,4 +639,201 @@ async fn demo_pages_serve_static_files_under_demo_only_when_enabled() {
         .await
         .unwrap();
     assert_problem(response, 404, "demo pages off").await;
+}
+
+#[tokio::test]
+async fn a_tenant_past_its_rate_gets_429_whatever_client_ids_it_makes_up() {
+    let server = Server::start(&["--tenant-rate", "0.01", "--tenant-burst", "5"]);
+    for i in 0..5 {
+        let results = server
+            .ops_ok(&envelope(
+                &uuid(),
+                vec![op(1, 0, Some(&format!("e{i}")), json!({}))],
+            ))
+            .await;
+        assert_eq!(results[0]["status"], "applied");
+    }
+    // A sixth fresh client id is still this tenant.
+    let over = server
+        .ops(
+            TOKEN,
+            &envelope(&uuid(), vec![op(1, 0, Some("e5"), json!({}))]),
+        )
+        .await
+        .unwrap();
+    assert!(over.headers().contains_key("retry-after"));
+    let body = assert_problem(over, 429, "tenant rate").await;
+    assert!(body["detail"].as_str().unwrap().contains("tenant"));
+    assert!(server.entity(TOKEN, "e5").await.is_none());
+    // The tenant's bucket is checked from the head alone: a huge announced body that never
+    // comes is answered at once.
+    let mut stream = tokio::net::TcpStream::connect(addr(&server)).await.unwrap();
+    let head = format!(
+        "POST /v1/ops HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 900000\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_until_closed(&mut stream, Duration::from_secs(30)).await;
+    assert_eq!(status_of(&answer), 429, "{answer}");
+    // Another tenant is not affected.
+    let response = server
+        .ops(
+            OTHER,
+            &envelope(&uuid(), vec![op(1, 0, Some("x"), json!({}))]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn refusals_of_another_tenants_client_are_limited_with_the_tenant() {
+    let server = Server::start(&["--tenant-rate", "0.01", "--tenant-burst", "4"]);
+    let theirs = uuid();
+    let response = server
+        .ops(
+            OTHER,
+            &envelope(&theirs, vec![op(1, 0, Some("a"), json!({}))]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut statuses = Vec::new();
+    for seq in 1..=6 {
+        let response = server
+            .ops(
+                TOKEN,
+                &envelope(&theirs, vec![op(seq, 0, Some("b"), json!({}))]),
+            )
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(statuses, [403, 403, 403, 403, 429, 429]);
+}
+
+#[tokio::test]
+async fn an_address_with_many_refusals_is_slowed_down_before_its_credentials_are_checked() {
+    let server = Server::start(&[]);
+    let body = envelope(&uuid(), vec![op(1, 0, Some("a"), json!({}))]);
+    let mut statuses = Vec::new();
+    for _ in 0..120 {
+        statuses.push(server.ops("guess", &body).await.unwrap().status().as_u16());
+    }
+    // A burst of 100 refusals, then 429 with Retry-After (10 more refusals a second).
+    assert!(statuses[..100].iter().all(|s| *s == 401), "{statuses:?}");
+    assert!(statuses[100..].contains(&429), "{statuses:?}");
+    let blocked = server.ops(TOKEN, &body).await.unwrap();
+    if blocked.status() == 429 {
+        assert!(blocked.headers().contains_key("retry-after"));
+    }
+    // The address gets its turn back.
+    common::eventually(
+        Duration::from_secs(30),
+        "the refusal bucket to refill",
+        || async { server.ops(TOKEN, &body).await.unwrap().status() == 200 },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn tokens_come_from_a_file_or_the_environment_and_argv_tokens_are_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, "# tenants\n\nfiled = file-secret\n").unwrap();
+    let file = file.to_str().unwrap().to_owned();
+    let server = Server::start_in(
+        dir,
+        &["--tokens-file", &file],
+        &[("OUTBOX_TOKENS", "env1=env-secret-1, env2=env-secret-2")],
+    );
+    for token in ["file-secret", "env-secret-1", "env-secret-2"] {
+        let response = server
+            .ops(
+                token,
+                &envelope(&uuid(), vec![op(1, 0, Some("a"), json!({}))]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{token}");
+    }
+    assert!(!server.stderr().contains("--token puts bearer tokens"));
+    let argv = Server::start(&[]);
+    assert!(
+        argv.stderr()
+            .contains("--token puts bearer tokens on the command line")
+    );
+    // The same file through OUTBOX_TOKENS_FILE.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t");
+    std::fs::write(&path, "via=env-file\n").unwrap();
+    let via = Server::start_bare(&[], &[("OUTBOX_TOKENS_FILE", path.to_str().unwrap())]);
+    let response = via
+        .ops(
+            "env-file",
+            &envelope(&uuid(), vec![op(1, 0, Some("a"), json!({}))]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+/// Runs the binary with `args` and expects it to refuse to start, saying `why`.
+fn refuses_to_start(args: &[&str], why: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-server"))
+        .args(["--listen", "127.0.0.1:0", "--db"])
+        .arg(dir.path().join("db"))
+        .args(args)
+        .env_remove("OUTBOX_TOKENS")
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "{args:?} started");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(why), "{args:?}: {stderr}");
+}
+
+#[tokio::test]
+async fn bad_flags_are_refused_at_start() {
+    refuses_to_start(
+        &["--token", "t=same", "--admin-token", "same"],
+        "--admin-token must differ",
+    );
+    refuses_to_start(&["--token", "t=x", "--token", "u=x"], "same token");
+    refuses_to_start(&["--rate", "1e-20"], "--rate must be 0 (off) or between");
+    refuses_to_start(&["--rate", "NaN"], "--rate must be");
+    refuses_to_start(&["--tenant-rate=-1"], "--tenant-rate must be");
+    refuses_to_start(&["--burst", "0.5"], "--burst must be");
+    refuses_to_start(&["--grant-ttl", "2h"], "--grant-ttl must be between");
+    refuses_to_start(&["--header-timeout", "0s"], "--header-timeout must be");
+    refuses_to_start(
+        &["--body-timeout", "1m", "--request-timeout", "30s"],
+        "--body-timeout must not be longer",
+    );
+    refuses_to_start(&["--tokens-file", "/nonexistent/tokens"], "--tokens-file");
+}
+
+#[tokio::test]
+async fn the_slowest_rate_answers_a_long_retry_after_and_keeps_running() {
+    // One request per 1,000 s: the wait is long, and must be answered, not abort the server
+    // (a tiny rate once overflowed Duration::from_secs_f64 with panic = "abort").
+    let server = Server::start(&["--rate", "0.001", "--burst", "1"]);
+    let client = uuid();
+    server
+        .ops_ok(&envelope(&client, vec![op(1, 0, Some("a"), json!({}))]))
+        .await;
+    let over = server
+        .ops(
+            TOKEN,
+            &envelope(&client, vec![op(2, 0, Some("b"), json!({}))]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(over.status(), 429);
+    let wait: u64 = over.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((990..=1000).contains(&wait), "{wait}");
+    assert!(server.healthy().await);
 }

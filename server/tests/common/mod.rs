@@ -30,6 +30,7 @@ pub struct Server {
     /// Where its stderr (the tracing log) goes.
     pub log_path: PathBuf,
     args: Vec<String>,
+    envs: Vec<(String, String)>,
     dir: TempDir,
     pub http: reqwest::Client,
 }
@@ -37,22 +38,34 @@ pub struct Server {
 impl Server {
     /// Starts a server with tenants `test` and `other`, the admin endpoints, and `extra` flags.
     pub fn start(extra: &[&str]) -> Server {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut args: Vec<String> = [
+        let mut args = vec![
             "--token",
             "test=secret",
             "--token",
             "other=other-secret",
             "--admin-token",
             ADMIN,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
+        ];
+        args.extend_from_slice(extra);
+        Self::start_bare(&args, &[])
+    }
+
+    /// Starts a server with exactly these flags (no default tenants) and environment.
+    pub fn start_bare(args: &[&str], envs: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(dir, args, envs)
+    }
+
+    /// Starts a server in `dir` (which may hold files the flags name).
+    pub fn start_in(dir: TempDir, args: &[&str], envs: &[(&str, &str)]) -> Server {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let envs: Vec<(String, String)> = envs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let db = dir.path().join("outbox.db");
         let log_path = dir.path().join("server-0.log");
-        let (child, stdout, url) = launch(&args, &db, &log_path);
+        let (child, stdout, url) = launch(&args, &envs, &db, &log_path);
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(60))
@@ -65,9 +78,21 @@ impl Server {
             db,
             log_path,
             args,
+            envs,
             dir,
             http,
         }
+    }
+
+    /// The temporary directory the database sits in.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Like [`Server::restart`], with other flags from now on.
+    pub fn restart_with(&mut self, args: &[&str]) {
+        self.args = args.iter().map(|s| s.to_string()).collect();
+        self.restart();
     }
 
     /// Kills the process (SIGKILL: no graceful shutdown) and starts a new one on the same
@@ -79,7 +104,7 @@ impl Server {
             .map(|d| d.count())
             .unwrap_or(0);
         self.log_path = self.dir.path().join(format!("server-{n}.log"));
-        let (child, stdout, url) = launch(&self.args, &self.db, &self.log_path);
+        let (child, stdout, url) = launch(&self.args, &self.envs, &self.db, &self.log_path);
         self.child = child;
         self._stdout = stdout;
         self.url = url;
@@ -89,6 +114,26 @@ impl Server {
             .timeout(Duration::from_secs(60))
             .build()
             .expect("http client");
+    }
+
+    /// Sends SIGTERM (a graceful shutdown) and waits for the process to end, failing the
+    /// test past `guard`.
+    pub fn terminate(&mut self, guard: Duration) -> std::process::ExitStatus {
+        // SAFETY: kill only sends a signal to the child's pid.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + guard;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server did not stop within {guard:?} of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The server's stderr so far.
@@ -201,6 +246,7 @@ impl Drop for Server {
 
 fn launch(
     args: &[String],
+    envs: &[(String, String)],
     db: &PathBuf,
     log_path: &PathBuf,
 ) -> (Child, BufReader<ChildStdout>, String) {
@@ -209,6 +255,11 @@ fn launch(
         .args(["--listen", "127.0.0.1:0", "--db"])
         .arg(db)
         .args(args)
+        // The test's own environment must not leak tokens or keys into the server.
+        .env_remove("OUTBOX_TOKENS")
+        .env_remove("OUTBOX_TOKENS_FILE")
+        .env_remove("OUTBOX_GRANT_KEY")
+        .envs(envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -259,11 +310,20 @@ pub fn uuid() -> String {
     )
 }
 
-/// An op with a fresh id.
+/// Milliseconds since the Unix epoch (the server and the tests share this machine's clock).
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// An op with a fresh id, made now (an op without an entity must be recent: see the
+/// `created_at` window in docs/PROTOCOL.md).
 pub fn op(seq: i64, prev: i64, entity: Option<&str>, payload: Value) -> Value {
     json!({
         "id": uuid(), "seq": seq, "prev": prev, "entity": entity, "kind": "edit",
-        "payload": payload, "created_at": 1_764_081_600_000i64,
+        "payload": payload, "created_at": now_ms(),
     })
 }
 
@@ -287,4 +347,48 @@ where
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `host:port` of a server URL.
+pub fn addr(server: &Server) -> String {
+    server.url.trim_start_matches("http://").to_owned()
+}
+
+/// Reads from `stream` until the server closes it and returns what came. Fails the test if
+/// the server keeps it open past `guard` (a bound far above any timeout a test sets, so
+/// that a server that never closes fails instead of hanging; no test asserts on durations).
+pub async fn read_until_closed(stream: &mut tokio::net::TcpStream, guard: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = tokio::time::timeout(guard, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "the server kept the connection open past {guard:?}; got {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The status code of a raw HTTP answer.
+pub fn status_of(answer: &str) -> u16 {
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {answer:?}"))
+}
+
+/// The JSON body of a raw HTTP answer.
+pub fn body_of(answer: &str) -> Value {
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("body of {answer:?}: {e}"))
 }
