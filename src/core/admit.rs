@@ -158,7 +158,7 @@ fn validate(draft: &Draft) -> Result<(), Refusal> {
     {
         return invalid(format!("entity must be 1 to {MAX_ENTITY_BYTES} bytes"));
     }
-    if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&draft.payload) {
+    if let Err(e) = super::json::check(&draft.payload) {
         return invalid(format!("payload is not JSON: {e}"));
     }
     Ok(())

@@ -1,7 +1,6 @@
 //! What the outbox tells the application.
 
-use serde::{Serialize, Serializer};
-use serde_json::value::RawValue;
+use serde::Serialize;
 
 use super::op::OpId;
 use super::time::Millis;
@@ -66,7 +65,9 @@ pub enum Event {
         /// The server's version.
         server_version: Option<u64>,
         /// The server's state, so the UI can roll back or show both sides.
-        #[serde(serialize_with = "raw_json")]
+        // The serde derive is the native reference (see `codec`); serde_json stays out of the
+        // browser module, which writes events with `codec`.
+        #[cfg_attr(not(target_arch = "wasm32"), serde(serialize_with = "raw_json"))]
         #[cfg_attr(target_arch = "wasm32", tsify(type = "unknown"))]
         server_state: Option<String>,
         /// For `rebased`: the id of the copy sent against the new version.
@@ -146,10 +147,14 @@ impl Event {
     ];
 }
 
-fn raw_json<S: Serializer>(value: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
+#[cfg(not(target_arch = "wasm32"))]
+fn raw_json<S: serde::Serializer>(
+    value: &Option<String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     match value
         .as_deref()
-        .map(|text| RawValue::from_string(text.to_owned()))
+        .map(|text| serde_json::value::RawValue::from_string(text.to_owned()))
     {
         Some(Ok(raw)) => raw.serialize(serializer),
         // The text came from a parsed response, so it is JSON; if not, say nothing rather than lie.

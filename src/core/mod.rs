@@ -21,10 +21,12 @@
 pub mod admit;
 pub mod backoff;
 pub mod breaker;
+pub mod codec;
 pub mod config;
 pub mod copy;
 pub mod drain;
 pub mod event;
+pub mod json;
 pub mod memory;
 pub mod op;
 pub mod outcome;

@@ -173,7 +173,7 @@ pub fn classify(
             } else {
                 all(Verdict::Conflict {
                     version: problem.version,
-                    state: problem.state.map(|raw| raw.get().to_owned()),
+                    state: problem.state,
                 })
             }
         }
@@ -239,7 +239,7 @@ fn verdict_for_result(result: &OpResult) -> Verdict {
         },
         ResultStatus::Conflict => Verdict::Conflict {
             version: result.version,
-            state: result.state.as_ref().map(|raw| raw.get().to_owned()),
+            state: result.state.clone(),
         },
         ResultStatus::Rejected => Verdict::Dead {
             reason: result

@@ -4,9 +4,7 @@
 //! speaks exactly the bytes the browser sends. Request bodies are written by hand: the payload is
 //! already JSON text and is copied in without being parsed again.
 
-use serde::Deserialize;
-use serde_json::value::RawValue;
-
+use super::json::{self, FromJson, JsonError, Node, Writer};
 use super::op::{Op, OpId};
 
 /// The client's id: a random UUID kept in the store, the same type as an op id.
@@ -31,34 +29,23 @@ pub fn encode_request<'a>(client: ClientId, ops: impl IntoIterator<Item = &'a Op
 }
 
 fn encode_op(out: &mut String, op: &Op) {
-    use std::fmt::Write;
-    // Writing to a String cannot fail.
-    let _ = write!(
-        out,
-        "{{\"id\":\"{}\",\"seq\":{},\"prev\":{},\"entity\":",
-        op.id, op.seq, op.prev
-    );
-    match &op.entity {
-        Some(entity) => push_json_string(out, entity),
-        None => out.push_str("null"),
-    }
-    out.push_str(",\"kind\":");
-    push_json_string(out, &op.kind);
-    out.push_str(",\"payload\":");
-    out.push_str(&op.payload);
+    let mut w = Writer::with_capacity(op.size() as usize);
+    w.begin_object()
+        .field("id", &op.id)
+        .field("seq", &op.seq)
+        .field("prev", &op.prev)
+        .field("entity", &op.entity)
+        .field("kind", &op.kind)
+        .raw_field("payload", &op.payload);
     if let Some(version) = op.base_version {
-        let _ = write!(out, ",\"base_version\":{version}");
+        w.field("base_version", &version);
     }
-    let _ = write!(out, ",\"created_at\":{}}}", op.created_at);
-}
-
-fn push_json_string(out: &mut String, text: &str) {
-    out.push_str(&serde_json::to_string(text).expect("a str always serialises"));
+    w.field("created_at", &op.created_at).end_object();
+    out.push_str(&w.finish());
 }
 
 /// The server's verdict on one op.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResultStatus {
     /// The op took effect now.
     Applied,
@@ -71,62 +58,81 @@ pub enum ResultStatus {
     /// A predecessor has not arrived yet.
     OutOfOrder,
     /// A status this client does not know, treated as a server fault.
-    #[serde(other)]
     Unknown,
 }
 
-/// One entry of a `results` array, or the body of a `200` from `/v1/op`.
-#[derive(Debug, Clone, Deserialize)]
+impl FromJson for ResultStatus {
+    fn read_json(node: &Node<'_>) -> Result<Self, JsonError> {
+        Ok(match node.str()? {
+            "applied" => ResultStatus::Applied,
+            "duplicate" => ResultStatus::Duplicate,
+            "conflict" => ResultStatus::Conflict,
+            "rejected" => ResultStatus::Rejected,
+            "out_of_order" => ResultStatus::OutOfOrder,
+            _ => ResultStatus::Unknown,
+        })
+    }
+}
+
+/// One entry of a `results` array, or the body of a `200` from `/v1/op`. Members the client
+/// does not know are ignored, so the server may add some.
+#[derive(Debug, Clone, PartialEq)]
 pub struct OpResult {
     /// Which op this is about.
     pub id: OpId,
     /// The verdict.
     pub status: ResultStatus,
     /// The entity version after the op, or the current one for conflicts and duplicates.
-    #[serde(default)]
     pub version: Option<u64>,
     /// The entity's current state, for conflicts, as JSON text.
-    #[serde(default)]
-    pub state: Option<Box<RawValue>>,
+    pub state: Option<String>,
     /// Why the op was rejected.
-    #[serde(default)]
     pub reason: Option<String>,
     /// The server's last applied `seq`, for `out_of_order`.
-    #[serde(default)]
     pub last: Option<u64>,
     /// Whether this is a stored result replayed for a repeated id.
-    #[serde(default)]
     pub replayed: bool,
 }
 
-#[derive(Deserialize)]
-struct ResultsBody {
-    results: Vec<OpResult>,
+/// A member kept as the JSON text it was (a server's state), `None` when absent or `null`.
+fn raw_member(node: &Node<'_>, name: &str) -> Result<Option<String>, JsonError> {
+    node.object()?;
+    Ok(node.get(name).map(|value| value.raw.to_owned()))
+}
+
+impl FromJson for OpResult {
+    fn read_json(node: &Node<'_>) -> Result<Self, JsonError> {
+        Ok(OpResult {
+            id: node.req("id")?,
+            status: node.req("status")?,
+            version: node.opt("version")?,
+            state: raw_member(node, "state")?,
+            reason: node.opt("reason")?,
+            last: node.opt("last")?,
+            replayed: node.or_default("replayed")?,
+        })
+    }
 }
 
 /// Reads a batch response and checks that it answers exactly the ops that were sent, in order.
 pub fn decode_results(body: &str, sent: &[Op]) -> Result<Vec<OpResult>, String> {
-    let parsed: ResultsBody =
-        serde_json::from_str(body).map_err(|e| format!("unreadable results: {e}"))?;
-    if parsed.results.len() != sent.len() {
-        return Err(format!(
-            "{} results for {} ops",
-            parsed.results.len(),
-            sent.len()
-        ));
+    let results: Vec<OpResult> = json::parse(body)
+        .and_then(|node| node.req("results"))
+        .map_err(|e| format!("unreadable results: {e}"))?;
+    if results.len() != sent.len() {
+        return Err(format!("{} results for {} ops", results.len(), sent.len()));
     }
-    for (result, op) in parsed.results.iter().zip(sent) {
+    for (result, op) in results.iter().zip(sent) {
         if result.id != op.id {
             return Err(format!("result for {} where {} was sent", result.id, op.id));
         }
     }
-    Ok(parsed.results)
+    Ok(results)
 }
 
 /// Reads the single result of a `2xx` from `/v1/op`.
 pub fn decode_single(body: &str, sent: &Op) -> Result<OpResult, String> {
-    let result: OpResult =
-        serde_json::from_str(body).map_err(|e| format!("unreadable result: {e}"))?;
+    let result = OpResult::from_json(body).map_err(|e| format!("unreadable result: {e}"))?;
     if result.id != sent.id {
         return Err(format!(
             "result for {} where {} was sent",
@@ -139,7 +145,7 @@ pub fn decode_single(body: &str, sent: &Op) -> Result<OpResult, String> {
 /// The answer of `POST /v1/grants`: a credential that authorises one beacon of exactly the ops
 /// it was asked for, until `expires_at`. It is worthless for anything else, so a closing page
 /// may hold it where the user's token must never go.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
     /// The opaque grant, URL-safe; it travels as `/v1/beacon?grant=…`.
     pub grant: String,
@@ -150,7 +156,14 @@ pub struct Grant {
 /// Reads a `200` answer of `POST /v1/grants`. The grant must be URL-safe, since it goes into a
 /// query string as it is.
 pub fn decode_grant(body: &str) -> Result<Grant, String> {
-    let grant: Grant = serde_json::from_str(body).map_err(|e| format!("unreadable grant: {e}"))?;
+    let grant = json::parse(body)
+        .and_then(|node| {
+            Ok(Grant {
+                grant: node.req("grant")?,
+                expires_at: node.req("expires_at")?,
+            })
+        })
+        .map_err(|e| format!("unreadable grant: {e}"))?;
     let url_safe = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~');
     if grant.grant.is_empty() || grant.grant.len() > 4096 || !grant.grant.bytes().all(url_safe) {
         return Err("the grant is not a URL-safe string of at most 4096 characters".into());
@@ -159,36 +172,43 @@ pub fn decode_grant(body: &str) -> Result<Grant, String> {
 }
 
 /// An RFC 9457 problem body, with the protocol's extension members.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Problem {
     /// The problem type URI; the protocol's types end in `/in-progress`, `/conflict`, ….
-    #[serde(default, rename = "type")]
     pub kind: Option<String>,
     /// A short summary.
-    #[serde(default)]
     pub title: Option<String>,
     /// What went wrong with this request.
-    #[serde(default)]
     pub detail: Option<String>,
     /// For conflicts: the current version.
-    #[serde(default)]
     pub version: Option<u64>,
-    /// For conflicts: the current state.
-    #[serde(default)]
-    pub state: Option<Box<RawValue>>,
+    /// For conflicts: the current state, as JSON text.
+    pub state: Option<String>,
     /// For rejections: why.
-    #[serde(default)]
     pub reason: Option<String>,
     /// For `425 out-of-order`: the last `seq` the server applied on the entity.
-    #[serde(default)]
     pub last: Option<u64>,
+}
+
+impl FromJson for Problem {
+    fn read_json(node: &Node<'_>) -> Result<Self, JsonError> {
+        Ok(Problem {
+            kind: node.opt("type")?,
+            title: node.opt("title")?,
+            detail: node.opt("detail")?,
+            version: node.opt("version")?,
+            state: raw_member(node, "state")?,
+            reason: node.opt("reason")?,
+            last: node.opt("last")?,
+        })
+    }
 }
 
 impl Problem {
     /// Reads a problem body; anything unreadable is an empty problem, since the status code alone
     /// still decides the class.
     pub fn decode(body: &str) -> Problem {
-        serde_json::from_str(body).unwrap_or_default()
+        Problem::from_json(body).unwrap_or_default()
     }
 
     /// The last path segment of the type URI, such as `in-progress`.
@@ -261,7 +281,7 @@ mod tests {
         );
         let results = decode_results(&good, &ops).unwrap();
         assert_eq!(results[1].status, ResultStatus::Conflict);
-        assert_eq!(results[1].state.as_ref().unwrap().get(), r#"{"a":1}"#);
+        assert_eq!(results[1].state.as_deref(), Some(r#"{"a":1}"#));
         let swapped = format!(
             r#"{{"results":[{{"id":"{}","status":"applied"}},{{"id":"{}","status":"applied"}}]}}"#,
             ops[1].id, ops[0].id

@@ -19,12 +19,11 @@ use super::views::{
     BeaconView, BreakerState, ConflictView, DeadLetterView, QueuedOp, ReceiptView, StatsView, to_js,
 };
 use crate::core::copy::{self, CopiedOp, CopyWrite, Incident, Start};
+use crate::core::json::{self, FromJson, JsonError};
 use crate::core::store::{self as queue, CallKey, QueueTxn};
 use crate::core::{
     Breaker, Config, Draft, Event, OpId, Priority, Receipt, Refusal, Resolution, WakeReason,
 };
-use serde::Deserialize;
-use serde_json::value::RawValue;
 
 // The declarations that are not generated from a Rust type: the shell's own options, the event
 // map `on` is typed with, and the names the shell parses by hand. Everything else in
@@ -485,7 +484,7 @@ async fn open(config: JsValue) -> Result<Outbox> {
             Error::InvalidConfig("options must be JSON-like besides auth and schedule".into())
         })
         .and_then(|text| {
-            serde_json::from_str(&text).map_err(|e| Error::InvalidConfig(e.to_string()))
+            Config::from_json(&text).map_err(|e| Error::InvalidConfig(e.to_string()))
         })?;
     config.validate().map_err(|e| Error::InvalidConfig(e.0))?;
 
@@ -722,9 +721,13 @@ fn parse_call_options(options: Option<&JsValue>) -> Result<Option<String>> {
     }
 }
 
-/// What `enqueue` takes.
-#[derive(Deserialize, tsify::Tsify)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+/// What `enqueue` takes. Only its declaration is used (`outbox.d.ts`); [`parse_draft`] reads it.
+#[derive(tsify::Tsify)]
+#[serde(rename_all = "camelCase")]
+#[expect(
+    dead_code,
+    reason = "a declaration for TypeScript; parse_draft reads the request"
+)]
 pub struct EnqueueRequest {
     /// What the op changes, such as `"pr/17"`; ops on one entity are delivered in order. Omit
     /// for an unordered op.
@@ -735,7 +738,7 @@ pub struct EnqueueRequest {
     kind: String,
     /// Any JSON value (use `null` for none).
     #[tsify(type = "unknown")]
-    payload: Box<RawValue>,
+    payload: String,
     /// The entity version last read from the server; the server reports a conflict if another
     /// client wrote the entity since (this client's own writes never conflict).
     #[serde(default)]
@@ -767,16 +770,35 @@ fn parse_draft(request: &JsValue) -> Result<(Draft, Option<String>)> {
                     .into(),
             )
         })?;
-    let request: EnqueueRequest =
-        serde_json::from_str(&text).map_err(|e| Error::InvalidOp(e.to_string()))?;
-    let draft = Draft {
-        entity: request.entity,
-        kind: request.kind,
-        payload: request.payload.get().to_owned(),
-        base_version: request.base_version,
-        priority: request.priority.unwrap_or_default(),
+    let read = |node: &json::Node<'_>| -> std::result::Result<_, JsonError> {
+        const FIELDS: [&str; 6] = [
+            "entity",
+            "kind",
+            "payload",
+            "baseVersion",
+            "priority",
+            "key",
+        ];
+        node.fields(|name, _| Ok(FIELDS.contains(&name)))?;
+        // The payload is kept as the text it was, `null` included.
+        let payload = node
+            .object()?
+            .iter()
+            .find(|(name, _)| name == "payload")
+            .map(|(_, value)| value.raw.to_owned())
+            .ok_or_else(|| JsonError::new("missing field `payload`"))?;
+        let draft = Draft {
+            entity: node.opt("entity")?,
+            kind: node.req("kind")?,
+            payload,
+            base_version: node.opt("baseVersion")?,
+            priority: node.opt::<Priority>("priority")?.unwrap_or_default(),
+        };
+        Ok((draft, node.opt("key")?))
     };
-    Ok((draft, request.key))
+    json::parse(&text)
+        .and_then(|node| read(&node))
+        .map_err(|e| Error::InvalidOp(e.to_string()))
 }
 
 fn install_panic_hook() {

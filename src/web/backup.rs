@@ -9,6 +9,7 @@ use wasm_bindgen_futures::JsFuture;
 
 use super::error::{Error, JsError, Result};
 use crate::core::copy::{CopiedOp, CopyMeta, CopyWrite, META_ENTRY, entry_seq, op_entry};
+use crate::core::json::{FromJson, ToJson};
 use crate::core::{Counters, OpId};
 
 #[wasm_bindgen(typescript_custom_section)]
@@ -94,7 +95,7 @@ impl Backup {
         Ok(entries
             .iter()
             .find(|(name, _)| name == META_ENTRY)
-            .and_then(|(_, value)| serde_json::from_str(value).ok()))
+            .and_then(|(_, value)| CopyMeta::from_json(value).ok()))
     }
 
     /// Every op the copy holds (entries it cannot read are left out: a rebuild then counts them
@@ -104,7 +105,7 @@ impl Backup {
         Ok(entries
             .iter()
             .filter(|(name, _)| entry_seq(name).is_some())
-            .filter_map(|(_, value)| serde_json::from_str(value).ok())
+            .filter_map(|(_, value)| CopiedOp::from_json(value).ok())
             .collect())
     }
 
@@ -113,8 +114,7 @@ impl Backup {
     pub fn start(&self, client: OpId, copy: &CopyWrite) -> Result<Promise> {
         let put = Object::new();
         for entry in &copy.put {
-            let json = serde_json::to_string(entry)
-                .map_err(|e| copy_error("encoded", e.to_string().into()))?;
+            let json = entry.to_json();
             let _ = Reflect::set(&put, &op_entry(entry.op.seq).into(), &json.into());
         }
         if let Some(counters) = copy.counters {
@@ -171,5 +171,5 @@ fn meta(client: OpId, counters: Counters) -> String {
         next_seq: counters.next_seq,
         pending: counters.pending,
     };
-    serde_json::to_string(&meta).unwrap_or_default()
+    meta.to_json()
 }

@@ -26,6 +26,7 @@ use super::platform::{LockGrant, acquire_lock, now, random};
 use super::store::Store;
 use super::transport::{Transport, timer_ms};
 use crate::core::copy::{CopyWrite, Incident, IncidentCode};
+use crate::core::json::ToJson;
 use crate::core::store::{QueueTxn, apply, lease};
 use crate::core::{
     Config, Event, Session, SessionAction, SessionInput, WakeReason, credentials_checksum,
@@ -213,9 +214,7 @@ impl Shared {
 
     /// Emits an event to local listeners and to the other contexts.
     pub fn emit(&self, event: &Event) {
-        let Ok(json) = serde_json::to_string(event) else {
-            return;
-        };
+        let json = event.to_json();
         if let Ok(value) = js_sys::JSON::parse(&json) {
             self.listeners.dispatch(event.name(), &value);
         }

@@ -1,8 +1,6 @@
 //! The queue in IndexedDB: [`QueueTxn`] over one transaction, and the reads the API needs.
 
 use js_sys::{Object, Reflect};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use web_sys::{
@@ -14,14 +12,15 @@ use super::error::{Error, Result};
 use super::idb::{self, Durability, Pending, Txn};
 use super::schema::*;
 use crate::core::copy::Incident;
+use crate::core::json::{FromJson, ToJson};
 use crate::core::records::KeyRecord;
 use crate::core::store::QueueTxn;
 use crate::core::{Breaker, Counters, DeadLetter, Millis, Op, OpId, ParkedConflict};
 
 /// Records are stored as JSON text (`json`) beside the few fields the key paths and indexes name
 /// (`seq`, `next_attempt_at`, `entity`; `id` for dead letters and conflicts). IndexedDB clones a
-/// string faster than an object of many fields, and one serialiser (serde_json, which the wire
-/// needs anyway) keeps the module small. A field left unset keeps the record out of that index.
+/// string faster than an object of many fields, and the core's own JSON (`core::codec`) keeps
+/// the module small. A field left unset keeps the record out of that index.
 fn record(fields: &[(&str, JsValue)], json: String) -> JsValue {
     let record = Object::new();
     for (name, value) in fields {
@@ -32,12 +31,12 @@ fn record(fields: &[(&str, JsValue)], json: String) -> JsValue {
     record.into()
 }
 
-fn encode<T: Serialize>(value: &T) -> Result<String> {
-    serde_json::to_string(value).map_err(data_error)
+fn encode<T: ToJson + ?Sized>(value: &T) -> String {
+    value.to_json()
 }
 
 /// Reads a record written by [`record`], or a meta value (JSON text itself).
-fn decode<T: DeserializeOwned>(value: JsValue) -> Result<Option<T>> {
+fn decode<T: FromJson>(value: JsValue) -> Result<Option<T>> {
     if value.is_undefined() || value.is_null() {
         return Ok(None);
     }
@@ -48,7 +47,7 @@ fn decode<T: DeserializeOwned>(value: JsValue) -> Result<Option<T>> {
             .and_then(|json| json.as_string())
             .ok_or_else(|| data_error("a record without its json field"))?,
     };
-    serde_json::from_str(&text).map(Some).map_err(data_error)
+    T::from_json(&text).map(Some).map_err(data_error)
 }
 
 fn data_error(error: impl std::fmt::Display) -> Error {
@@ -59,7 +58,7 @@ fn data_error(error: impl std::fmt::Display) -> Error {
     })
 }
 
-fn op_record(op: &Op) -> Result<JsValue> {
+fn op_record(op: &Op) -> JsValue {
     let mut fields = vec![("seq", key(op.seq))];
     if let Some(at) = op.next_attempt_at {
         fields.push(("next_attempt_at", JsValue::from_f64(at as f64)));
@@ -67,11 +66,11 @@ fn op_record(op: &Op) -> Result<JsValue> {
     if let Some(entity) = &op.entity {
         fields.push(("entity", JsValue::from_str(entity)));
     }
-    Ok(record(&fields, encode(op)?))
+    record(&fields, encode(op))
 }
 
-fn keyed_record<T: Serialize>(id: OpId, value: &T) -> Result<JsValue> {
-    Ok(record(&[("id", id.to_string().into())], encode(value)?))
+fn keyed_record<T: ToJson>(id: OpId, value: &T) -> JsValue {
+    record(&[("id", id.to_string().into())], encode(value))
 }
 
 fn key(seq: u64) -> JsValue {
@@ -173,7 +172,7 @@ impl IdbTxn {
         })
     }
 
-    async fn get<T: DeserializeOwned>(store: &IdbObjectStore, key: &JsValue) -> Result<Option<T>> {
+    async fn get<T: FromJson>(store: &IdbObjectStore, key: &JsValue) -> Result<Option<T>> {
         decode(Self::issue_get(store, key)?.result().await?)
     }
 
@@ -231,12 +230,12 @@ impl IdbTxn {
 
     /// Stores the client id.
     pub fn put_client(&mut self, client: OpId) -> Result<()> {
-        Self::put(&self.meta, &encode(&client)?.into(), Some(META_CLIENT))
+        Self::put(&self.meta, &encode(&client).into(), Some(META_CLIENT))
     }
 
     /// Stores the last storage incident.
     pub fn put_incident(&mut self, incident: &Incident) -> Result<()> {
-        Self::put(&self.meta, &encode(incident)?.into(), Some(META_INCIDENT))
+        Self::put(&self.meta, &encode(incident).into(), Some(META_INCIDENT))
     }
 
     /// Every pending op, in `seq` order, and the counters (to seed the second copy).
@@ -328,7 +327,7 @@ impl IdbTxn {
     }
 }
 
-fn all<T: DeserializeOwned>(array: JsValue) -> Result<Vec<T>> {
+fn all<T: FromJson>(array: JsValue) -> Result<Vec<T>> {
     let array: js_sys::Array = array.unchecked_into();
     array
         .iter()
@@ -344,7 +343,7 @@ impl QueueTxn for IdbTxn {
     }
 
     async fn put_op(&mut self, op: &Op) -> Result<()> {
-        Self::put(&self.ops, &op_record(op)?, None)
+        Self::put(&self.ops, &op_record(op), None)
     }
 
     async fn delete_op(&mut self, seq: u64) -> Result<()> {
@@ -431,7 +430,7 @@ impl QueueTxn for IdbTxn {
     }
 
     async fn put_counters(&mut self, counters: &Counters) -> Result<()> {
-        Self::put(&self.meta, &encode(counters)?.into(), Some(META_COUNTERS))
+        Self::put(&self.meta, &encode(counters).into(), Some(META_COUNTERS))
     }
 
     async fn get_dead_letter(&mut self, id: OpId) -> Result<Option<DeadLetter>> {
@@ -441,7 +440,7 @@ impl QueueTxn for IdbTxn {
     async fn put_dead_letter(&mut self, letter: &DeadLetter) -> Result<()> {
         Self::put(
             &self.dead_letters,
-            &keyed_record(letter.op.id, letter)?,
+            &keyed_record(letter.op.id, letter),
             None,
         )
     }
@@ -457,7 +456,7 @@ impl QueueTxn for IdbTxn {
     async fn put_conflict(&mut self, conflict: &ParkedConflict) -> Result<()> {
         Self::put(
             &self.conflicts,
-            &keyed_record(conflict.op.id, conflict)?,
+            &keyed_record(conflict.op.id, conflict),
             None,
         )
     }
@@ -467,15 +466,15 @@ impl QueueTxn for IdbTxn {
     }
 
     async fn put_breaker(&mut self, breaker: &Breaker) -> Result<()> {
-        Self::put(&self.meta, &encode(breaker)?.into(), Some(META_BREAKER))
+        Self::put(&self.meta, &encode(breaker).into(), Some(META_BREAKER))
     }
 
     async fn put_paused(&mut self, paused: bool) -> Result<()> {
-        Self::put(&self.meta, &encode(&paused)?.into(), Some(META_PAUSED))
+        Self::put(&self.meta, &encode(&paused).into(), Some(META_PAUSED))
     }
 
     async fn put_refused(&mut self, checksum: u32) -> Result<()> {
-        Self::put(&self.meta, &encode(&checksum)?.into(), Some(META_REFUSED))
+        Self::put(&self.meta, &encode(&checksum).into(), Some(META_REFUSED))
     }
 
     async fn get_key(&mut self, key: &str) -> Result<Option<KeyRecord>> {
@@ -487,7 +486,7 @@ impl QueueTxn for IdbTxn {
             ("key", JsValue::from_str(&kept.key)),
             ("at", JsValue::from_f64(kept.at as f64)),
         ];
-        Self::put(&self.keys, &record(&fields, encode(kept)?), None)
+        Self::put(&self.keys, &record(&fields, encode(kept)), None)
     }
 
     async fn purge_keys(&mut self, before: Millis, limit: usize) -> Result<usize> {

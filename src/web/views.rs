@@ -3,16 +3,15 @@
 //! Stored records keep their Rust field names (the indexes name them); these views are made for
 //! the API and go through `JSON.parse`, so payloads come out as the objects that went in.
 
-use serde::Serialize;
-use serde_json::value::RawValue;
 use wasm_bindgen::JsValue;
 
-use super::error::{Error, JsError, Result};
+use super::error::{Error, Result};
 use crate::core::copy::Incident;
+use crate::core::json::{self, ToJson, Writer};
 use crate::core::{DeadCause, DeadLetter, Millis, Op, OpId, ParkedConflict, Priority, Receipt};
 
 /// A queued op as `pending()` lists it.
-#[derive(Serialize, tsify::Tsify)]
+#[derive(tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
 pub struct QueuedOp<'a> {
     /// The op's id, its idempotency key.
@@ -25,9 +24,9 @@ pub struct QueuedOp<'a> {
     entity: &'a Option<String>,
     /// What it does.
     kind: &'a str,
-    /// Its body, as it was enqueued.
+    /// Its body, as it was enqueued (JSON text).
     #[tsify(type = "unknown")]
-    payload: Option<&'a RawValue>,
+    payload: &'a str,
     /// The entity version it was made against.
     base_version: Option<u64>,
     /// How long delivery keeps trying.
@@ -52,8 +51,7 @@ impl<'a> From<&'a Op> for QueuedOp<'a> {
             prev: op.prev,
             entity: &op.entity,
             kind: &op.kind,
-            // Payloads were validated as JSON on the way in.
-            payload: serde_json::from_str(&op.payload).ok(),
+            payload: &op.payload,
             base_version: op.base_version,
             priority: op.priority,
             created_at: op.created_at,
@@ -66,7 +64,7 @@ impl<'a> From<&'a Op> for QueuedOp<'a> {
 }
 
 /// An op delivery gave up on; `cause` says which rule.
-#[derive(Serialize, tsify::Tsify)]
+#[derive(tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
 #[tsify(rename = "DeadLetter")]
 pub struct DeadLetterView<'a> {
@@ -95,7 +93,7 @@ impl<'a> From<&'a DeadLetter> for DeadLetterView<'a> {
 }
 
 /// An op parked by the `manual` policy, with the server's side, for a side-by-side UI.
-#[derive(Serialize, tsify::Tsify)]
+#[derive(tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
 #[tsify(rename = "Conflict")]
 pub struct ConflictView<'a> {
@@ -103,9 +101,9 @@ pub struct ConflictView<'a> {
     op: QueuedOp<'a>,
     /// The server's version when it refused.
     server_version: Option<u64>,
-    /// The server's state when it refused.
+    /// The server's state when it refused (JSON text).
     #[tsify(type = "unknown")]
-    server_state: Option<&'a RawValue>,
+    server_state: Option<&'a str>,
     /// When.
     at: Millis,
 }
@@ -115,17 +113,14 @@ impl<'a> From<&'a ParkedConflict> for ConflictView<'a> {
         ConflictView {
             op: (&conflict.op).into(),
             server_version: conflict.server_version,
-            server_state: conflict
-                .server_state
-                .as_deref()
-                .and_then(|s| serde_json::from_str(s).ok()),
+            server_state: conflict.server_state.as_deref(),
             at: conflict.at,
         }
     }
 }
 
 /// What `enqueue` resolves with once the op is on disk.
-#[derive(Serialize, tsify::Tsify)]
+#[derive(tsify::Tsify)]
 #[tsify(rename = "Receipt")]
 pub struct ReceiptView {
     /// The op's id, its idempotency key.
@@ -151,7 +146,7 @@ impl From<&Receipt> for ReceiptView {
 
 /// What a closing page sends itself: `body` to `url`, which carries a beacon grant for exactly
 /// that op until `expiresAt`.
-#[derive(Serialize, tsify::Tsify)]
+#[derive(tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
 #[tsify(rename = "Beacon")]
 pub struct BeaconView {
@@ -164,7 +159,7 @@ pub struct BeaconView {
 }
 
 /// Counts and states for a status UI; `draining` and `inFlight` are this context's.
-#[derive(Serialize, tsify::Tsify)]
+#[derive(tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
 #[tsify(rename = "Stats")]
 pub struct StatsView {
@@ -195,7 +190,7 @@ pub struct StatsView {
 }
 
 /// The breaker as `stats()` shows it.
-#[derive(Serialize, tsify::Tsify)]
+#[derive(tsify::Tsify)]
 pub struct BreakerState {
     /// `closed`, `open` or `half-open`.
     #[tsify(type = "\"closed\" | \"open\" | \"half-open\"")]
@@ -206,13 +201,106 @@ pub struct BreakerState {
     pub until: Option<Millis>,
 }
 
-/// Serialises with serde_json (which understands raw JSON) and parses in JavaScript.
-pub fn to_js<T: Serialize>(value: &T) -> Result<JsValue> {
-    let text = serde_json::to_string(value).map_err(|e| {
-        Error::Storage(JsError {
-            name: "DataError".into(),
-            message: e.to_string(),
-        })
-    })?;
-    js_sys::JSON::parse(&text).map_err(Error::storage)
+/// Writes JSON text as it is if it is JSON, else `null`: payloads were checked on the way in and
+/// states came from parsed answers, but a bad stored value must not break the whole view.
+fn raw_or_null(out: &mut Writer, name: &str, text: Option<&str>) {
+    out.key(name);
+    match text.filter(|text| json::is_valid(text)) {
+        Some(text) => out.raw(text),
+        None => out.null(),
+    };
+}
+
+impl ToJson for QueuedOp<'_> {
+    fn write_json(&self, out: &mut Writer) {
+        out.begin_object()
+            .field("id", &self.id)
+            .field("seq", &self.seq)
+            .field("prev", &self.prev)
+            .field("entity", self.entity)
+            .field("kind", self.kind);
+        raw_or_null(out, "payload", Some(self.payload));
+        out.field("baseVersion", &self.base_version)
+            .field("priority", &self.priority)
+            .field("createdAt", &self.created_at)
+            .field("attempts", &self.attempts)
+            .field("failures", &self.failures)
+            .field("nextAttemptAt", &self.next_attempt_at)
+            .field("lastError", self.last_error)
+            .end_object();
+    }
+}
+
+impl ToJson for DeadLetterView<'_> {
+    fn write_json(&self, out: &mut Writer) {
+        out.begin_object()
+            .field("op", &self.op)
+            .field("reason", self.reason)
+            .field("status", &self.status)
+            .field("cause", &self.cause)
+            .field("at", &self.at)
+            .end_object();
+    }
+}
+
+impl ToJson for ConflictView<'_> {
+    fn write_json(&self, out: &mut Writer) {
+        out.begin_object()
+            .field("op", &self.op)
+            .field("serverVersion", &self.server_version);
+        raw_or_null(out, "serverState", self.server_state);
+        out.field("at", &self.at).end_object();
+    }
+}
+
+impl ToJson for ReceiptView {
+    fn write_json(&self, out: &mut Writer) {
+        out.begin_object()
+            .field("id", &self.id)
+            .field("seq", &self.seq)
+            .field("replaced", &self.replaced)
+            .field("replayed", &self.replayed)
+            .end_object();
+    }
+}
+
+impl ToJson for BeaconView {
+    fn write_json(&self, out: &mut Writer) {
+        out.begin_object()
+            .field("url", &self.url)
+            .field("body", &self.body)
+            .field("expiresAt", &self.expires_at)
+            .end_object();
+    }
+}
+
+impl ToJson for StatsView {
+    fn write_json(&self, out: &mut Writer) {
+        out.begin_object()
+            .field("client", &self.client)
+            .field("pending", &self.pending)
+            .field("bytes", &self.bytes)
+            .field("deadLetters", &self.dead_letters)
+            .field("conflicts", &self.conflicts)
+            .field("nextAttemptAt", &self.next_attempt_at)
+            .field("paused", &self.paused)
+            .field("draining", &self.draining)
+            .field("inFlight", &self.in_flight)
+            .key("breaker")
+            .begin_object()
+            .field("state", self.breaker.state);
+        if let Some(until) = self.breaker.until {
+            out.field("until", &until);
+        }
+        out.end_object()
+            .field("copy", &self.copy)
+            .field("incident", &self.incident)
+            .end_object();
+    }
+}
+
+/// Writes the view as JSON and parses it in JavaScript: one crossing of the boundary, and the
+/// payloads come out as the objects that went in.
+pub fn to_js<T: ToJson + ?Sized>(value: &T) -> Result<JsValue> {
+    js_sys::JSON::parse(&value.to_json()).map_err(Error::storage)
 }
