@@ -376,6 +376,7 @@ fn add(total: &mut Stats, one: &Stats) {
     total.refused += one.refused;
     total.wake_checks += one.wake_checks;
     total.probes += one.probes;
+    total.omitted_states += one.omitted_states;
     for (name, n) in &one.events {
         *total.events.entry(name).or_default() += n;
     }
@@ -457,6 +458,10 @@ fn delivery_contract_holds_under_random_faults() {
         assert!(
             total.rebuilds > 0,
             "the database was never lost and rebuilt"
+        );
+        assert!(
+            total.omitted_states > 0,
+            "no conflict came without its state"
         );
     }
 }

@@ -90,7 +90,18 @@ function showConflicts(conflicts) {
     card.dataset.id = conflict.op.id;
     card.querySelector('h3').textContent = describe(conflict.op);
     card.querySelector('.mine').textContent = JSON.stringify(conflict.op.payload, null, 1);
-    card.querySelector('.theirs').textContent = JSON.stringify(conflict.serverState, null, 1);
+    const theirs = card.querySelector('.theirs');
+    theirs.textContent = JSON.stringify(conflict.serverState, null, 1);
+    // The server sends an entity's state once per answer and never on a replay: read it then.
+    if (conflict.serverStateOmitted) {
+      theirs.textContent = '…';
+      ext.runtime.sendMessage({ demo: 'entity', id: conflict.op.entity })
+        .then((reply) => {
+          if (!reply?.ok) throw new Error(reply?.error ?? 'the background did not answer');
+          theirs.textContent = JSON.stringify(reply.entity.state, null, 1);
+        })
+        .catch((error) => { theirs.textContent = `(not available: ${error.message})`; });
+    }
     card.querySelector('.version').textContent = `(v${conflict.serverVersion})`;
     card.querySelector('.keep-mine').addEventListener('click',
       () => act(() => outbox.resolveConflict(conflict.op.id, 'keep-mine')));

@@ -235,6 +235,7 @@ impl ToJson for ParkedConflict {
             .field("op", &self.op)
             .field("server_version", &self.server_version)
             .field("server_state", &self.server_state)
+            .field("server_state_omitted", &self.server_state_omitted)
             .field("at", &self.at)
             .end_object();
     }
@@ -246,6 +247,7 @@ impl FromJson for ParkedConflict {
             op: node.req("op")?,
             server_version: node.opt("server_version")?,
             server_state: node.opt("server_state")?,
+            server_state_omitted: node.or_default("server_state_omitted")?,
             at: node.req("at")?,
         })
     }
@@ -426,6 +428,7 @@ impl ToJson for Event {
                 resolution,
                 server_version,
                 server_state,
+                state_omitted,
                 rebased_as,
             } => {
                 out.field("id", id)
@@ -435,7 +438,8 @@ impl ToJson for Event {
                     .field("serverVersion", server_version)
                     .key("serverState");
                 raw_or_null(out, server_state.as_deref());
-                out.field("rebasedAs", rebased_as);
+                out.field("stateOmitted", state_omitted)
+                    .field("rebasedAs", rebased_as);
             }
             Event::BreakerOpened { until } => {
                 out.field("until", until);
@@ -658,6 +662,7 @@ mod tests {
             agrees_with_serde(&DeadLetter { op: op.clone(), reason, status, cause: causes[cause], at });
             agrees_with_serde(&ParkedConflict {
                 op: op.clone(), server_version: version, server_state: state, at,
+                server_state_omitted: status.is_some(),
             });
             if let Some(key) = &key {
                 agrees_with_serde(key);
@@ -791,6 +796,7 @@ mod tests {
             resolution: ConflictOutcome::Rebased,
             server_version: Some(4),
             server_state: Some(r#"{"title":"x"}"#.into()),
+            state_omitted: false,
             rebased_as: Some(id),
         }
     }
@@ -805,7 +811,7 @@ mod tests {
             serde_json::json!({
                 "type": "conflict", "id": id.to_string(), "entity": "pr/1", "kind": "approve",
                 "resolution": "rebased", "serverVersion": 4, "serverState": {"title": "x"},
-                "rebasedAs": id.to_string(),
+                "stateOmitted": false, "rebasedAs": id.to_string(),
             })
         );
         let Event::Conflict {
@@ -814,6 +820,7 @@ mod tests {
             kind,
             resolution,
             server_version,
+            state_omitted,
             rebased_as,
             ..
         } = conflict
@@ -827,6 +834,7 @@ mod tests {
             resolution,
             server_version,
             rebased_as,
+            state_omitted,
             server_state: Some("{not json".into()),
         };
         let value: serde_json::Value = serde_json::from_str(&broken.to_json()).unwrap();

@@ -685,7 +685,11 @@ pub fn decide(
                 error,
             },
         ),
-        Verdict::Conflict { version, state } => conflict(config, rng, now, op, version, state),
+        Verdict::Conflict {
+            version,
+            state,
+            state_omitted,
+        } => conflict(config, rng, now, op, version, state, state_omitted),
         Verdict::Dead { reason, status } => dead(op, reason, status, DeadCause::Rejected),
         Verdict::Ambiguous { reason } => dead(op, reason, Some(422), DeadCause::Ambiguous),
         Verdict::Pause { reason } => {
@@ -819,6 +823,7 @@ fn conflict(
     mut op: Op,
     version: Option<u64>,
     state: Option<String>,
+    state_omitted: bool,
 ) -> Decision {
     let event = |resolution, rebased_as: Option<OpId>, op: &Op| Event::Conflict {
         id: op.id,
@@ -827,6 +832,7 @@ fn conflict(
         resolution,
         server_version: version,
         server_state: state.clone(),
+        state_omitted,
         rebased_as,
     };
     let finish = |op: Op, fate: Fate, event: Event| Decision {
@@ -844,6 +850,7 @@ fn conflict(
             let fate = Fate::Parked {
                 server_version: version,
                 server_state: state.clone(),
+                server_state_omitted: state_omitted,
             };
             finish(op, fate, event)
         }

@@ -70,6 +70,10 @@ pub enum Event {
         #[cfg_attr(not(target_arch = "wasm32"), serde(serialize_with = "raw_json"))]
         #[cfg_attr(target_arch = "wasm32", tsify(type = "unknown"))]
         server_state: Option<String>,
+        /// The server left its state out of the answer (it sends each entity's state once per
+        /// answer, within a size budget, and never on a replay): `serverState` is `null`, and a
+        /// UI that needs it reads the entity from the server.
+        state_omitted: bool,
         /// For `rebased`: the id of the copy sent against the new version.
         rebased_as: Option<OpId>,
     },
@@ -175,6 +179,7 @@ mod tests {
             resolution: ConflictOutcome::Parked,
             server_version: Some(4),
             server_state: Some(r#"{"approved":false}"#.into()),
+            state_omitted: false,
             rebased_as: None,
         };
         let json: serde_json::Value = serde_json::to_value(&event).unwrap();
@@ -182,6 +187,7 @@ mod tests {
         assert_eq!(json["serverVersion"], 4);
         assert_eq!(json["serverState"]["approved"], false);
         assert_eq!(json["resolution"], "parked");
+        assert_eq!(json["stateOmitted"], false);
         for event in [Event::Drained, Event::AuthRequired, Event::BreakerClosed] {
             assert!(Event::NAMES.contains(&event.name()));
             assert_eq!(serde_json::to_value(&event).unwrap()["type"], event.name());

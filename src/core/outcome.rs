@@ -60,6 +60,8 @@ pub enum Verdict {
         version: Option<u64>,
         /// The server's current state, as JSON text.
         state: Option<String>,
+        /// The server left the state out of its answer (see PROTOCOL.md, *Conflict states*).
+        state_omitted: bool,
     },
     /// It can never succeed.
     Dead {
@@ -174,6 +176,7 @@ pub fn classify(
                 all(Verdict::Conflict {
                     version: problem.version,
                     state: problem.state,
+                    state_omitted: problem.state_omitted,
                 })
             }
         }
@@ -240,6 +243,7 @@ fn verdict_for_result(result: &OpResult) -> Verdict {
         ResultStatus::Conflict => Verdict::Conflict {
             version: result.version,
             state: result.state.clone(),
+            state_omitted: result.state_omitted,
         },
         ResultStatus::Rejected => Verdict::Dead {
             reason: result
@@ -358,7 +362,18 @@ mod tests {
             one(409, None, conflict).0,
             Verdict::Conflict {
                 version: Some(5),
-                state: Some(r#"{"x":1}"#.into())
+                state: Some(r#"{"x":1}"#.into()),
+                state_omitted: false,
+            }
+        );
+        let replayed =
+            r#"{"type":"https://outbox.dev/problems/conflict","version":5,"state_omitted":true}"#;
+        assert_eq!(
+            one(409, None, replayed).0,
+            Verdict::Conflict {
+                version: Some(5),
+                state: None,
+                state_omitted: true,
             }
         );
         assert!(matches!(
@@ -448,7 +463,7 @@ mod tests {
         let ops = [op(1), op(2), op(3), op(4)];
         let body = format!(
             r#"{{"results":[{{"id":"{}","status":"duplicate","version":3}},{{"id":"{}","status":"rejected","reason":"no"}},
-               {{"id":"{}","status":"out_of_order","last":1}},{{"id":"{}","status":"conflict","version":9}}]}}"#,
+               {{"id":"{}","status":"out_of_order","last":1}},{{"id":"{}","status":"conflict","version":9,"state_omitted":true}}]}}"#,
             ops[0].id, ops[1].id, ops[2].id, ops[3].id
         );
         let c = classify(SendMode::Batch, &ops, &http(200, None, &body), 0, 0);
@@ -474,7 +489,8 @@ mod tests {
             c.verdicts[3],
             Verdict::Conflict {
                 version: Some(9),
-                state: None
+                state: None,
+                state_omitted: true,
             }
         );
         let c = classify(SendMode::Batch, &ops, &http(200, None, "{}"), 0, 0);

@@ -122,6 +122,11 @@ pub struct ParkedConflict {
     pub server_version: Option<u64>,
     /// The server's state when it refused, as JSON text.
     pub server_state: Option<String>,
+    /// The server left its state out of the answer (see [`Event::Conflict`]).
+    ///
+    /// [`Event::Conflict`]: super::event::Event::Conflict
+    #[serde(default)]
+    pub server_state_omitted: bool,
     /// When.
     pub at: Millis,
 }

@@ -180,6 +180,8 @@ pub enum Fate {
         server_version: Option<u64>,
         /// The server's state as JSON text.
         server_state: Option<String>,
+        /// The server left its state out.
+        server_state_omitted: bool,
     },
 }
 
@@ -426,11 +428,13 @@ pub async fn apply<T: QueueTxn>(
                     Fate::Parked {
                         server_version,
                         server_state,
+                        server_state_omitted,
                     } => {
                         txn.put_conflict(&ParkedConflict {
                             op: op.clone(),
                             server_version: *server_version,
                             server_state: server_state.clone(),
+                            server_state_omitted: *server_state_omitted,
                             at: now,
                         })
                         .await?;
@@ -712,6 +716,7 @@ mod tests {
         let fate = Fate::Parked {
             server_version: Some(4),
             server_state: None,
+            server_state_omitted: true,
         };
         run_now(apply(&mut store, &[Write::Finish { op, fate }], 20)).unwrap();
         let resolve = |store: &mut MemoryStore, how, k| {

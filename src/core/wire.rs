@@ -86,6 +86,9 @@ pub struct OpResult {
     pub version: Option<u64>,
     /// The entity's current state, for conflicts, as JSON text.
     pub state: Option<String>,
+    /// For conflicts: the server left the state out (an answer carries each entity's state at
+    /// most once and within a size budget, and a replayed conflict never has it).
+    pub state_omitted: bool,
     /// Why the op was rejected.
     pub reason: Option<String>,
     /// The server's last applied `seq`, for `out_of_order`.
@@ -107,6 +110,7 @@ impl FromJson for OpResult {
             status: node.req("status")?,
             version: node.opt("version")?,
             state: raw_member(node, "state")?,
+            state_omitted: node.or_default("state_omitted")?,
             reason: node.opt("reason")?,
             last: node.opt("last")?,
             replayed: node.or_default("replayed")?,
@@ -184,6 +188,8 @@ pub struct Problem {
     pub version: Option<u64>,
     /// For conflicts: the current state, as JSON text.
     pub state: Option<String>,
+    /// For conflicts: the server left the state out (always on a replay).
+    pub state_omitted: bool,
     /// For rejections: why.
     pub reason: Option<String>,
     /// For `425 out-of-order`: the last `seq` the server applied on the entity.
@@ -198,6 +204,7 @@ impl FromJson for Problem {
             detail: node.opt("detail")?,
             version: node.opt("version")?,
             state: raw_member(node, "state")?,
+            state_omitted: node.or_default("state_omitted")?,
             reason: node.opt("reason")?,
             last: node.opt("last")?,
         })

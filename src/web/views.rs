@@ -104,6 +104,9 @@ pub struct ConflictView<'a> {
     /// The server's state when it refused (JSON text).
     #[tsify(type = "unknown")]
     server_state: Option<&'a str>,
+    /// The server left its state out of the answer: `serverState` is `null`; read the entity
+    /// from the server if the UI needs it.
+    server_state_omitted: bool,
     /// When.
     at: Millis,
 }
@@ -114,6 +117,7 @@ impl<'a> From<&'a ParkedConflict> for ConflictView<'a> {
             op: (&conflict.op).into(),
             server_version: conflict.server_version,
             server_state: conflict.server_state.as_deref(),
+            server_state_omitted: conflict.server_state_omitted,
             at: conflict.at,
         }
     }
@@ -249,7 +253,9 @@ impl ToJson for ConflictView<'_> {
             .field("op", &self.op)
             .field("serverVersion", &self.server_version);
         raw_or_null(out, "serverState", self.server_state);
-        out.field("at", &self.at).end_object();
+        out.field("serverStateOmitted", &self.server_state_omitted)
+            .field("at", &self.at)
+            .end_object();
     }
 }
 

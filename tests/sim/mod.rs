@@ -184,15 +184,20 @@ fn entity_state(version: u64) -> Value {
     json!({ "v": version })
 }
 
-fn result_json(id: OpId, outcome: &Outcome, replayed: bool) -> Value {
+/// A conflict carries the entity's state unless `with_state` is false (PROTOCOL.md, *Conflict
+/// states*: once per entity per answer, never on a replay), and then `state_omitted`.
+fn result_json(id: OpId, outcome: &Outcome, replayed: bool, with_state: bool) -> Value {
     let id = id.to_string();
     let mut value = match outcome {
         Outcome::Applied { version } => json!({"id": id, "status": "applied", "version": version}),
         Outcome::Duplicate { version } => {
             json!({"id": id, "status": "duplicate", "version": version})
         }
-        Outcome::Conflict { version } => json!({
+        Outcome::Conflict { version } if with_state => json!({
             "id": id, "status": "conflict", "version": version, "state": entity_state(*version)
+        }),
+        Outcome::Conflict { version } => json!({
+            "id": id, "status": "conflict", "version": version, "state_omitted": true
         }),
         Outcome::Rejected { reason } => json!({"id": id, "status": "rejected", "reason": reason}),
         Outcome::OutOfOrder { last } => json!({"id": id, "status": "out_of_order", "last": last}),
@@ -215,9 +220,11 @@ fn single_response(id: OpId, outcome: &Outcome, replayed: bool) -> Reply {
         extra
     };
     match outcome {
-        Outcome::Applied { .. } | Outcome::Duplicate { .. } => {
-            http(200, None, result_json(id, outcome, replayed).to_string())
-        }
+        Outcome::Applied { .. } | Outcome::Duplicate { .. } => http(
+            200,
+            None,
+            result_json(id, outcome, replayed, !replayed).to_string(),
+        ),
         Outcome::Conflict { version } => http(
             409,
             None,
@@ -226,7 +233,10 @@ fn single_response(id: OpId, outcome: &Outcome, replayed: bool) -> Reply {
                 "conflict",
                 "base_version is not the entity's version",
                 extra(
-                    json!({"version": version, "state": entity_state(*version)}),
+                    match replayed {
+                        false => json!({"version": version, "state": entity_state(*version)}),
+                        true => json!({"version": version, "state_omitted": true}),
+                    },
                     "conflict",
                 ),
             ),
@@ -362,12 +372,15 @@ impl Server {
         match mode {
             SendMode::Batch => {
                 let mut results = Vec::new();
+                let mut states_sent = BTreeSet::new();
                 for (i, op) in envelope.ops.iter().enumerate() {
                     if crash_after == Some(i) {
                         return http(500, None, problem(500, "internal", "crashed", json!({})));
                     }
                     let (outcome, replayed) = self.apply_op(now, envelope.client, op);
-                    results.push(result_json(op.id, &outcome, replayed));
+                    let first = matches!(outcome, Outcome::Conflict { .. })
+                        && states_sent.insert(op.entity.clone());
+                    results.push(result_json(op.id, &outcome, replayed, first && !replayed));
                 }
                 if crash_after.is_some_and(|n| n >= envelope.ops.len()) {
                     return http(500, None, problem(500, "internal", "crashed", json!({})));
@@ -920,6 +933,8 @@ pub struct Stats {
     pub rebuilds: u64,
     /// Probes answered.
     pub probes: u64,
+    /// Conflict events whose state the server left out.
+    pub omitted_states: u64,
     /// Events by name.
     pub events: BTreeMap<&'static str, u64>,
 }
@@ -1473,6 +1488,21 @@ impl Sim {
     fn emit(&mut self, event: Event) {
         *self.stats.events.entry(event.name()).or_default() += 1;
         self.note(|| format!("event {event:?}"));
+        if let Event::Conflict {
+            id,
+            server_state,
+            state_omitted,
+            ..
+        } = &event
+        {
+            // Exactly one of the two, as the server sends them.
+            self.ensure(server_state.is_some() != *state_omitted, || {
+                format!("conflict {id}: state {server_state:?} with state_omitted {state_omitted}")
+            });
+            if *state_omitted {
+                self.stats.omitted_states += 1;
+            }
+        }
         // The write is committed before the event.
         match &event {
             Event::DeadLettered { id, reason, .. } => {
