@@ -522,12 +522,14 @@ async fn open(config: JsValue) -> Result<Outbox> {
 /// queue, or the queue rebuilt from the second copy after the browser dropped the database, as
 /// [`copy::start`] decides.
 async fn open_queue(store: &Store, backup: Option<&Backup>) -> Result<(OpId, Option<Incident>)> {
+    // The copy's record is read while IndexedDB reads the client id: one wait, not two.
+    let meta = backup.map(Backup::start_meta).transpose()?;
     // Most opens find the client id stored: a read-only look avoids a strict commit per start.
     let known = store.read(async |t| t.client().await).await?;
-    let Some(backup) = backup else {
+    let (Some(backup), Some(meta)) = (backup, meta) else {
         return Ok((client_of(store, known).await?, None));
     };
-    let meta = backup.meta().await?;
+    let meta = meta.meta().await?;
     let at = now();
     match copy::start(known, meta) {
         Start::Intact => Ok((known.expect("intact means a client"), None)),

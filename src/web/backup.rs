@@ -36,6 +36,35 @@ extern "C" {
     fn write(this: &BackupObject, put: &Object, remove: &Array) -> Result<Promise, JsValue>;
 }
 
+/// A read of the copy's record in flight (see [`Backup::start_meta`]).
+pub struct PendingMeta(JsFuture);
+
+impl PendingMeta {
+    /// The copy's record, if it has one (a record it cannot read counts as none).
+    pub async fn meta(self) -> Result<Option<CopyMeta>> {
+        let entries = entries_of(self.0).await?;
+        Ok(entries
+            .iter()
+            .find(|(name, _)| name == META_ENTRY)
+            .and_then(|(_, value)| CopyMeta::from_json(value).ok()))
+    }
+}
+
+async fn entries_of(read: JsFuture) -> Result<Vec<(String, String)>> {
+    let found = read.await.map_err(|e| copy_error("read", e))?;
+    if !found.is_object() {
+        return Err(copy_error("read", "get() did not give an object".into()));
+    }
+    let mut entries = Vec::new();
+    for pair in Object::entries(found.unchecked_ref()).iter() {
+        let pair: Array = pair.unchecked_into();
+        if let (Some(name), Some(value)) = (pair.get(0).as_string(), pair.get(1).as_string()) {
+            entries.push((name, value));
+        }
+    }
+    Ok(entries)
+}
+
 fn copy_error(what: &str, error: JsValue) -> Error {
     let error = JsError::from(error);
     Error::Storage(JsError {
@@ -70,32 +99,22 @@ impl Backup {
         }))
     }
 
-    async fn entries(&self, names: JsValue) -> Result<Vec<(String, String)>> {
+    /// Asks for the entries named (all for `null`); [`entries_of`] reads the answer. Issued at
+    /// once, so the read can overlap other work.
+    fn issue(&self, names: JsValue) -> Result<JsFuture> {
         let promise = self.object.get(&names).map_err(|e| copy_error("read", e))?;
-        let found = JsFuture::from(promise)
-            .await
-            .map_err(|e| copy_error("read", e))?;
-        if !found.is_object() {
-            return Err(copy_error("read", "get() did not give an object".into()));
-        }
-        let mut entries = Vec::new();
-        for pair in Object::entries(found.unchecked_ref()).iter() {
-            let pair: Array = pair.unchecked_into();
-            if let (Some(name), Some(value)) = (pair.get(0).as_string(), pair.get(1).as_string()) {
-                entries.push((name, value));
-            }
-        }
-        Ok(entries)
+        Ok(JsFuture::from(promise))
     }
 
-    /// The copy's record, if it has one (a record it cannot read counts as none).
-    pub async fn meta(&self) -> Result<Option<CopyMeta>> {
-        let names = Array::of1(&META_ENTRY.into());
-        let entries = self.entries(names.into()).await?;
-        Ok(entries
-            .iter()
-            .find(|(name, _)| name == META_ENTRY)
-            .and_then(|(_, value)| CopyMeta::from_json(value).ok()))
+    async fn entries(&self, names: JsValue) -> Result<Vec<(String, String)>> {
+        entries_of(self.issue(names)?).await
+    }
+
+    /// Starts reading the copy's record: `open` reads it while IndexedDB reads the client id.
+    pub fn start_meta(&self) -> Result<PendingMeta> {
+        Ok(PendingMeta(
+            self.issue(Array::of1(&META_ENTRY.into()).into())?,
+        ))
     }
 
     /// Every op the copy holds (entries it cannot read are left out: a rebuild then counts them
