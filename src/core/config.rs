@@ -57,9 +57,11 @@ impl Default for Config {
                 max_attempts: 5,
                 max_age_ms: DAY,
             },
+            // Six days: inside the reference server's 7-day retention less its margins (an
+            // unordered op older than 7 days - 2 h is refused there), with room for clock skew.
             background: RetryLimits {
                 max_attempts: 12,
-                max_age_ms: 7 * DAY,
+                max_age_ms: 6 * DAY,
             },
             max_retry_after_ms: 10 * MINUTE,
             request_timeout_ms: 5 * SECOND,
