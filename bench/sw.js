@@ -43,18 +43,22 @@ function draft(i) {
 
 /**
  * The same op on the wire, for the lines that send without the outbox (Workbox, plain fetch):
- * a client of their own, the op's `seq`, and `prev` chained per entity as the outbox would.
+ * the op's `seq`, and `prev` chained per entity as the outbox would.
  */
-function envelope(client, i) {
+function wireOp(i) {
   const seq = i + 1;
   const d = draft(i);
-  return JSON.stringify({
-    client,
-    ops: [{
-      id: crypto.randomUUID(), seq, prev: i >= ENTITIES ? seq - ENTITIES : 0, entity: d.entity,
-      kind: d.kind, payload: d.payload, created_at: Date.now(),
-    }],
-  });
+  return {
+    id: crypto.randomUUID(), seq, prev: i >= ENTITIES ? seq - ENTITIES : 0, entity: d.entity,
+    kind: d.kind, payload: d.payload, created_at: Date.now(),
+  };
+}
+
+/** A `POST /v1/ops` body of a client of its own carrying ops `from` to `from + count - 1`. */
+function envelope(client, from, count = 1) {
+  const ops = new Array(count);
+  for (let k = 0; k < count; k++) ops[k] = wireOp(from + k);
+  return JSON.stringify({ client, ops });
 }
 
 function outboxOptions(server, database) {
@@ -361,6 +365,33 @@ const bench = {
   },
 
   /**
+   * The drain's floor: the same `n` ops as the drain line, sent as the outbox sends them (batches
+   * of `batch` per `POST /v1/ops`, `inFlight` requests at a time) with nothing read or stored.
+   * Batch k+1 may go out before batch k is answered, as in the outbox; an op's `prev` is ten
+   * batches back (1,000 entities), long answered when two requests are in flight.
+   */
+  async fetchBatched(server, client, n, batch, inFlight) {
+    const headers = { 'content-type': 'application/json', authorization: `Bearer ${server.token}` };
+    let failed = 0;
+    let next = 0;
+    const perRequest = [];
+    const sender = async () => {
+      while (next < n) {
+        const from = next;
+        const count = Math.min(batch, n - from);
+        next += count;
+        const start = performance.now();
+        const response = await fetch(`${server.url}/v1/ops`, { method: 'POST', headers, body: envelope(client, from, count) });
+        await response.arrayBuffer();
+        if (!response.ok) failed++;
+        perRequest.push(performance.now() - start);
+      }
+    };
+    const ms = await time(() => Promise.all(Array.from({ length: inFlight }, sender)));
+    return { ms, requests: perRequest.length, failed, perOp: perRequest };
+  },
+
+  /**
    * What IndexedDB request patterns cost in this worker, against the floor's database (its first
    * `n` records): ms per record, transaction commit included, for `n` records per transaction,
    * 5 runs each. `await`ing each request costs a round trip to the browser's IndexedDB backend;
@@ -503,9 +534,20 @@ async function coldStartTimed({ which, server, database }) {
     const stats = await outbox.stats();
     const ready = performance.now();
     return {
-      evaluatedAt, start, ready, ms: ready - start, wasmMs: instantiated - start, openMs: opened - instantiated,
+      evaluatedAt, start, ready, ms: ready - start, acceptsMs: opened - start, wasmMs: instantiated - start, openMs: opened - instantiated,
       statsMs: ready - opened, pending: stats.pending,
     };
+  }
+  if (which === 'floor') {
+    // The least a worker must do before it can take an op: compile the module, open the queue's
+    // database and count what it holds.
+    await WebAssembly.compileStreaming(fetch(WASM_URL));
+    const compiled = performance.now();
+    const db = await requestDone(indexedDB.open(database));
+    const pending = await requestDone(db.transaction('ops', 'readonly').objectStore('ops').count());
+    db.close();
+    const ready = performance.now();
+    return { evaluatedAt, start, ready, ms: ready - start, compileMs: compiled - start, pending };
   }
   if (which === 'wasm-compile') {
     // Only fetching and compiling the module, as init() does first, in a fresh worker.

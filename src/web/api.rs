@@ -514,7 +514,14 @@ async fn open(config: JsValue) -> Result<Outbox> {
     if let Some(incident) = incident {
         shared.report_incident(incident);
     }
-    shared.spawn_wake(WakeReason::Start);
+    // The start wake waits one microtask, so that `open()` resolves before the first drive runs:
+    // the caller can enqueue at once, and the drive's code is compiled (V8 compiles wasm lazily,
+    // function by function, on first call) after the caller's continuation, not before it.
+    let starting = shared.clone();
+    wasm_bindgen_futures::spawn_local(async move {
+        let _ = wasm_bindgen_futures::JsFuture::from(Promise::resolve(&JsValue::UNDEFINED)).await;
+        starting.spawn_wake(WakeReason::Start);
+    });
     Ok(Outbox { shared })
 }
 
