@@ -16,9 +16,9 @@ export function random(seed) {
 
 /** The knobs of a run; the short run of `make chaos-short` and the long one of `make chaos`. */
 export const PRESETS = {
-  short: { ops: 300, entities: 20, lanes: 4, browserKills: 3, workerStops: 4, serverKills: 1, offlinePeriods: 1,
+  short: { ops: 300, entities: 20, lanes: 4, paceMs: 150, browserKills: 3, workerStops: 4, serverKills: 1, offlinePeriods: 1,
     fault5xx: 0.05, fault429: 0.05, faultDropAfterCommit: 0.03, drainBoundMs: 90_000 },
-  long: { ops: 10_000, entities: 200, lanes: 6, browserKills: 24, workerStops: 20, serverKills: 3, offlinePeriods: 4,
+  long: { ops: 10_000, entities: 200, lanes: 6, paceMs: 100, browserKills: 24, workerStops: 20, serverKills: 3, offlinePeriods: 4,
     fault5xx: 0.05, fault429: 0.1, faultDropAfterCommit: 0.03, drainBoundMs: 90_000 },
 };
 
@@ -30,8 +30,9 @@ export const PRESETS = {
  *                 the other lanes' calls still in flight
  *   worker-stop   stop every service worker over CDP
  *   server-kill   {downMs}  SIGKILL the server and start it again on the same database
- *   offline       {forOps}  every op request answered 503 for the next `forOps` resolved calls
- *                 (server-side, see README: the extension sees its backend unreachable)
+ *   offline       {ms}  every op request answered 503 for `ms` (server-side, see README: the
+ *                 extension sees a backend that will not take anything, without counting it
+ *                 toward max_attempts)
  */
 export function makeSchedule(seed, settings) {
   const next = random(seed);
@@ -47,7 +48,7 @@ export function makeSchedule(seed, settings) {
     events.push({ kind: 'server-kill', afterOps: at(), downMs: 500 + Math.floor(next() * 4500) });
   }
   for (let i = 0; i < settings.offlinePeriods; i++) {
-    events.push({ kind: 'offline', afterOps: at(), forOps: Math.max(5, Math.floor(ops * (0.01 + 0.03 * next()))) });
+    events.push({ kind: 'offline', afterOps: at(), ms: 3000 + Math.floor(next() * 12_000) });
   }
   // Stable order for events at the same count: by kind, then by when they were drawn.
   return events.map((e, drawn) => ({ ...e, drawn }))
@@ -55,8 +56,12 @@ export function makeSchedule(seed, settings) {
     .map(({ drawn, ...e }, index) => ({ index, ...e }));
 }
 
-/** The workload's calls: `ops` calls spread over `entities`, each call's entity drawn from the seed. */
-export function makeWorkload(seed, { ops, entities }) {
+/**
+ * The workload's calls: `ops` calls spread over `entities`, each call's entity drawn from the
+ * seed, and `thinkMs`, the pause its lane takes before making it (uniform in 0..2 × paceMs), so
+ * enqueues keep streaming in while the queue drains, as a user's clicks would.
+ */
+export function makeWorkload(seed, { ops, entities, paceMs = 0 }) {
   const next = random(seed ^ 0x5eed);
   const perEntity = new Map();
   const calls = [];
@@ -64,7 +69,7 @@ export function makeWorkload(seed, { ops, entities }) {
     const entity = `pr/${1000 + Math.floor(next() * entities)}`;
     const seq = (perEntity.get(entity) ?? 0) + 1;
     perEntity.set(entity, seq);
-    calls.push({ index: i, key: `chaos-${seed}-${i}`, entity, seq });
+    calls.push({ index: i, key: `chaos-${seed}-${i}`, entity, seq, thinkMs: Math.floor(next() * 2 * paceMs) });
   }
   return calls;
 }
