@@ -16,7 +16,7 @@ export function random(seed) {
 
 /** The knobs of a run; the short run of `make chaos-short` and the long one of `make chaos`. */
 export const PRESETS = {
-  short: { ops: 300, entities: 20, lanes: 4, paceMs: 150, browserKills: 3, workerStops: 4, serverKills: 1, offlinePeriods: 1,
+  short: { ops: 300, entities: 20, lanes: 4, paceMs: 600, browserKills: 3, workerStops: 4, serverKills: 1, offlinePeriods: 1,
     fault5xx: 0.05, fault429: 0.05, faultDropAfterCommit: 0.03, drainBoundMs: 90_000 },
   long: { ops: 10_000, entities: 200, lanes: 6, paceMs: 100, browserKills: 24, workerStops: 20, serverKills: 3, offlinePeriods: 4,
     fault5xx: 0.05, fault429: 0.1, faultDropAfterCommit: 0.03, drainBoundMs: 90_000 },
