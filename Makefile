@@ -10,13 +10,13 @@ SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 export PATH := $(CURDIR)/node_modules/.bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: demo test setup build wasm server native wasm-test e2e lint types size bench mutants clean
+.PHONY: demo test setup build wasm server native wasm-test e2e chaos-short chaos lint types size bench mutants clean
 
 demo: build
 	scripts/demo
 
 test: build
-	$(MAKE) --no-print-directory lint types native wasm-test e2e size
+	$(MAKE) --no-print-directory lint types native wasm-test e2e chaos-short size
 
 setup:
 	scripts/setup
@@ -41,6 +41,17 @@ wasm-test:
 # The built extension in headless Chromium (and a Firefox smoke run).
 e2e:
 	scripts/e2e
+
+# The chaos suite (tests/chaos/README.md): the checker's unit tests, then a seeded run of about
+# 2 minutes (300 ops, 3 browser kills, worker stops, a server kill, an offline period).
+chaos-short: build
+	node --test tests/chaos/
+	scripts/chaos --preset short --seed $${CHAOS_SEED:-1}
+
+# The long chaos run: 10,000 ops, 24 browser kills, 3 server kills (tens of minutes). Settings via
+# CHAOS_* (e.g. CHAOS_SEED=7 CHAOS_OPS=20000) or flags: scripts/chaos --help.
+chaos: build
+	scripts/chaos --preset long $${CHAOS_SEED:+--seed $$CHAOS_SEED}
 
 lint:
 	cargo fmt --all -- --check

@@ -112,6 +112,22 @@ export class Server extends ServerClient {
     }
   }
 
+  /** SIGKILL, as a crash would: no shutdown, whatever SQLite had not committed is gone. */
+  async kill() {
+    const child = this.child;
+    if (!child) return;
+    this.child = null;
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGKILL');
+      await this.exited;
+    }
+  }
+
+  /** Starts the process again after kill() (or stop()), on the same port and database. */
+  async relaunch() {
+    await this.#launch(this.port);
+  }
+
   /** A new process on the same port and database (the "server comes back" half of an outage). */
   async restart() {
     await this.stop();
