@@ -10,7 +10,7 @@ SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 export PATH := $(CURDIR)/node_modules/.bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: demo test setup build wasm server native wasm-test e2e lint types size bench mutants clean
+.PHONY: demo test setup build wasm server conformance package native wasm-test e2e lint types size bench mutants clean
 
 demo: build
 	scripts/demo
@@ -32,6 +32,11 @@ server:
 # The core (unit, model and scenario tests) and the server's integration tests.
 native:
 	cargo test --workspace --quiet
+
+# outbox-conformance against the reference server and five broken backends (docs/PROTOCOL.md,
+# "Check your backend"). Also part of `native`.
+conformance: server
+	cargo test --quiet -p outbox-conformance
 
 # The shared wasm test bodies in Chromium and Firefox, in a window, a service worker and a
 # dedicated worker, against the real server.
