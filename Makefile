@@ -10,13 +10,13 @@ SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 export PATH := $(CURDIR)/node_modules/.bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: demo test setup build wasm server native wasm-test e2e chaos-short chaos lint types size bench mutants clean
+.PHONY: demo test setup build wasm server conformance package package-test native wasm-test e2e chaos-short chaos lint types size bench mutants clean
 
 demo: build
 	scripts/demo
 
 test: build
-	$(MAKE) --no-print-directory lint types native wasm-test e2e chaos-short size
+	$(MAKE) --no-print-directory lint types native package-test wasm-test e2e chaos-short size
 
 setup:
 	scripts/setup
@@ -32,6 +32,20 @@ server:
 # The core (unit, model and scenario tests) and the server's integration tests.
 native:
 	cargo test --workspace --quiet
+
+# outbox-conformance against the reference server and five broken backends (docs/PROTOCOL.md,
+# "Check your backend"). Also part of `native`.
+conformance: server
+	cargo test --quiet -p outbox-conformance
+
+# The npm package @outbox-rs/extension, packed by `npm pack` into target/*.tgz (nothing is
+# published from here).
+package: setup wasm
+	scripts/package
+
+# The tarball installs into an empty folder and a consumer of its three entry points type-checks.
+package-test:
+	node --test tests/package/package.test.mjs
 
 # The shared wasm test bodies in Chromium and Firefox, in a window, a service worker and a
 # dedicated worker, against the real server.

@@ -39,12 +39,22 @@ test('12 readme: an extension built from the README lines delivers its op', asyn
 
   const blocks = await readmeBlocks();
   assert.deepEqual([...blocks.keys()].sort(),
-    ['background.js', 'install.sh', 'manifest.json', 'popup.html', 'popup.js']);
+    ['background.js', 'build.sh', 'install.sh', 'manifest.json', 'popup.html', 'popup.js']);
+  // The package as `make package` packs it, installed by its tarball instead of the name.
+  const tarball = execFileSync(join(REPO, 'scripts/package'), { cwd: REPO, encoding: 'utf8' }).trim().split('\n').pop();
+  await writeFile(join(extension, 'package.json'), JSON.stringify({ name: 'readme-extension', private: true, type: 'module' }));
+  const shell = (script) => execFileSync('sh', ['-e', '-c', script], { cwd: extension, stdio: 'pipe',
+    env: { ...process.env, PATH: `${join(REPO, 'node_modules/.bin')}:${process.env.PATH}`, npm_config_offline: 'true' } });
   const local = (text) => text.replaceAll('https://api.example.com', server.url).replaceAll('YOUR_TOKEN', TOKEN);
-  execFileSync('sh', ['-e', '-c', blocks.get('install.sh')], { cwd: extension, env: { ...process.env, OUTBOX: REPO } });
+  shell(blocks.get('install.sh').replaceAll('@outbox-rs/extension', join(REPO, tarball)));
   for (const name of ['manifest.json', 'background.js', 'popup.html', 'popup.js']) {
     await writeFile(join(extension, name), local(blocks.get(name)));
   }
+  // `npx esbuild` finds the repository's esbuild (the test has no registry to install it from).
+  shell(`ln -s "${join(REPO, 'node_modules/esbuild')}" node_modules/esbuild && ln -s "${join(REPO, 'node_modules/@esbuild')}" node_modules/@esbuild`);
+  shell(blocks.get('build.sh'));
+  const js = ['background.js', 'popup.js'].reduce((sum, name) => sum + blocks.get(name).trimEnd().split('\n').length, 0);
+  assert.ok(js <= 15, `${js} lines of JavaScript in the README, at most 15`);
   const lines = [...blocks.values()].reduce((sum, block) => sum + block.trimEnd().split('\n').length, 0);
   t.diagnostic(`${lines} README lines`);
 

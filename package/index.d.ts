@@ -1,0 +1,2 @@
+export * from './pkg/outbox.js';
+export { default } from './pkg/outbox.js';
