@@ -33,8 +33,8 @@ use crate::metrics::Metrics;
 use crate::now_ms;
 use crate::problem::Problem;
 use crate::store::{
-    ApplyOutcome, ApplyRequest, Binding, KeyedRequest, Limits, OpResult, Outcome, RejectRule,
-    Store, Window,
+    ApplyOutcome, ApplyRequest, Binding, KeyClaim, KeyedRequest, Limits, OpResult, Outcome,
+    RejectRule, Store, Window,
 };
 use crate::wire::{Envelope, parse_envelope};
 
@@ -938,6 +938,47 @@ async fn submit<S: Store>(st: &AppState<S>, route: Route, req: Request) -> Respo
         None => None,
     };
 
+    // Then in the store, for the other replicas that share it (a no-op on SQLite). Released
+    // before the answer goes, so that a resend to any replica finds the key free.
+    let db_claim = match &key {
+        Some(key) => {
+            let keyed = KeyedRequest {
+                key: key.clone(),
+                fingerprint: fingerprint(&env),
+            };
+            match timed(st, st.store.claim_key(&tenant, &env.client, &keyed)).await {
+                Ok(KeyClaim::Claimed(guard)) => Some(guard),
+                Ok(KeyClaim::Running { same_body: true }) => {
+                    return seen.problem(st, &env, in_progress());
+                }
+                Ok(KeyClaim::Running { same_body: false }) => {
+                    return seen.problem(st, &env, key_reused());
+                }
+                Err(e) => {
+                    error!(error = %e, "storage failed claiming an Idempotency-Key");
+                    return seen.problem(st, &env, Problem::unavailable(e.to_string()));
+                }
+            }
+        }
+        None => None,
+    };
+    let response = claimed(st, &mut seen, &env, route, key, bytes_len).await;
+    if let Some(guard) = db_claim {
+        guard.release().await;
+    }
+    response
+}
+
+/// The rest of [`submit`] once the key (if any) is claimed: faults, apply, answer.
+async fn claimed<S: Store>(
+    st: &AppState<S>,
+    seen: &mut Seen,
+    env: &Envelope,
+    route: Route,
+    key: Option<String>,
+    bytes_len: usize,
+) -> Response {
+    let tenant = seen.tenant.clone();
     let kinds: Vec<&str> = env.ops.iter().map(|o| o.kind.as_str()).collect();
     let mut reject = None;
     let mut drop_after_commit = false;
@@ -951,11 +992,11 @@ async fn submit<S: Store>(st: &AppState<S>, route: Route, req: Request) -> Respo
                 retry_after,
             } => {
                 let problem = injected(status, retry_after, "; nothing was applied");
-                return seen.problem(st, &env, problem);
+                return seen.problem(st, env, problem);
             }
             Fault::Delay { ms } => tokio::time::sleep(Duration::from_millis(ms)).await,
             Fault::ResetBeforeCommit => {
-                seen.record(st, &env, None, None);
+                seen.record(st, env, None, None);
                 return dropped_connection();
             }
             Fault::DropAfterCommit => drop_after_commit = true,
@@ -973,14 +1014,14 @@ async fn submit<S: Store>(st: &AppState<S>, route: Route, req: Request) -> Respo
         body_bytes: bytes_len,
     };
     match key {
-        Some(key) => keyed(st, &seen, &env, request, key, drop_after_commit).await,
+        Some(key) => keyed(st, seen, env, request, key, drop_after_commit).await,
         None => match timed(st, st.store.apply(request)).await {
             Ok(ApplyOutcome::Results(results)) => {
                 if drop_after_commit {
-                    seen.record(st, &env, Some(&results), None);
+                    seen.record(st, env, Some(&results), None);
                     return dropped_connection();
                 }
-                seen.record(st, &env, Some(&results), Some(200));
+                seen.record(st, env, Some(&results), Some(200));
                 // Straight to text: a Value tree of 500 results first would double the work.
                 #[derive(Serialize)]
                 struct Answer<'a> {
@@ -993,11 +1034,11 @@ async fn submit<S: Store>(st: &AppState<S>, route: Route, req: Request) -> Respo
             }
             Ok(other) => {
                 error!(?other, "store answered a batch with a keyed outcome");
-                seen.problem(st, &env, Problem::unavailable("internal storage error"))
+                seen.problem(st, env, Problem::unavailable("internal storage error"))
             }
             Err(e) => {
                 error!(error = %e, "storage failed applying ops");
-                seen.problem(st, &env, Problem::unavailable(e.to_string()))
+                seen.problem(st, env, Problem::unavailable(e.to_string()))
             }
         },
     }
@@ -1133,13 +1174,7 @@ fn claim<'a, S: Store>(
                 key: claim_key,
             });
         }
-        Some(running) if *running == fingerprint(env) => Problem::new(
-            StatusCode::CONFLICT,
-            "in-progress",
-            "Request in progress",
-            "a request with this Idempotency-Key is still running; try again soon",
-        )
-        .retry_after(1),
+        Some(running) if *running == fingerprint(env) => in_progress(),
         Some(_) => key_reused(),
     };
     Err(problem)
@@ -1148,6 +1183,16 @@ fn claim<'a, S: Store>(
 /// The body fingerprint of a keyed request (`/v1/op` always parses with it).
 fn fingerprint(env: &Envelope) -> [u8; 32] {
     env.fingerprint.unwrap_or_default()
+}
+
+fn in_progress() -> Problem {
+    Problem::new(
+        StatusCode::CONFLICT,
+        "in-progress",
+        "Request in progress",
+        "a request with this Idempotency-Key is still running; try again soon",
+    )
+    .retry_after(1)
 }
 
 fn key_reused() -> Problem {

@@ -20,10 +20,15 @@ pub struct Config {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// SQLite database file, created if missing (WAL mode, so `-wal` and `-shm` files appear
-    /// beside it).
-    #[arg(long, default_value = "outbox.db")]
+    /// The database: a SQLite file, created if missing (WAL mode, so `-wal` and `-shm` files
+    /// appear beside it), or a PostgreSQL URL (`postgres://USER@HOST:PORT/DB`), which several
+    /// server replicas may share (docs/SERVER.md, *Scaling out*).
+    #[arg(long, default_value = "outbox.db", env = "OUTBOX_DB")]
     pub db: PathBuf,
+
+    /// Most connections to PostgreSQL this process keeps open (ignored for SQLite).
+    #[arg(long, default_value_t = 16)]
+    pub db_pool: usize,
 
     /// A tenant and its bearer token, as TENANT=TOKEN. Repeatable. For tests and the demo:
     /// the command line is visible to every local user (`ps`), so production uses

@@ -14,6 +14,7 @@ pub mod grant;
 pub mod limit;
 pub mod merge;
 pub mod metrics;
+pub mod pg;
 pub mod problem;
 pub mod recent;
 pub mod store;
@@ -30,6 +31,7 @@ use crate::app::AppState;
 use crate::config::Config;
 use crate::conn::ConnLimits;
 use crate::grant::GrantKey;
+use crate::pg::PgStore;
 use crate::store::{SqliteStore, Store};
 
 /// File descriptors kept for the database, the listener and logs when `--max-connections`
@@ -74,8 +76,25 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
              puts it in the page (legacy; use grants)"
         );
     }
+    let db = config.db.to_string_lossy().into_owned();
+    if pg::is_postgres_url(&db) {
+        let store = PgStore::open(&db, config.db_pool, config.request_timeout).await?;
+        info!("storage: PostgreSQL");
+        serve(config, tokens, grant_key, store).await
+    } else {
+        let store = SqliteStore::open(&config.db, config.sync)?;
+        serve(config, tokens, grant_key, store).await
+    }
+}
+
+/// Serves on an open store until SIGINT or SIGTERM.
+async fn serve<S: Store>(
+    config: Config,
+    tokens: Vec<(String, String)>,
+    grant_key: GrantKey,
+    store: S,
+) -> Result<(), Box<dyn std::error::Error>> {
     let max_connections = fit_connections(config.max_connections);
-    let store = SqliteStore::open(&config.db, config.sync)?;
     let state = Arc::new(AppState::new(&config, tokens.clone(), grant_key, store));
     let close_connections = config.admin_token.is_some() || config.seeded_faults();
     let demo_pages = config
@@ -100,7 +119,7 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         writeln!(out, "listening on http://{addr}")?;
         out.flush()?;
     }
-    info!(%addr, db = %config.db.display(), tenants = tokens.len(), max_connections, "listening");
+    info!(%addr, db = %redact(&config.db.to_string_lossy()), tenants = tokens.len(), max_connections, "listening");
     let limits = ConnLimits {
         header_timeout: config.header_timeout,
         idle_timeout: config.idle_timeout,
@@ -111,6 +130,18 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     conn::serve(listener, app, limits, metrics, shutdown()).await?;
     info!("stopped");
     Ok(())
+}
+
+/// The database named for a log line: a URL without its password.
+fn redact(db: &str) -> String {
+    match (db.find("://"), db.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let user = &db[scheme + 3..at];
+            let user = user.split(':').next().unwrap_or_default();
+            format!("{}{user}@{}", &db[..scheme + 3], &db[at + 1..])
+        }
+        _ => db.to_owned(),
+    }
 }
 
 /// Raises the soft fd limit to the hard one and fits `wanted` connections under it, so that

@@ -292,6 +292,71 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks that the storage answers (for `/v1/health`).
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Marks an Idempotency-Key as running for every instance that shares the store, or says
+    /// that a request with it runs elsewhere. The server also keeps its own requests' keys in
+    /// memory; a store that only one process uses (SQLite) needs nothing more, which is the
+    /// default.
+    fn claim_key(
+        &self,
+        _tenant: &str,
+        _client: &str,
+        _key: &KeyedRequest,
+    ) -> impl Future<Output = Result<KeyClaim, StoreError>> + Send {
+        std::future::ready(Ok(KeyClaim::Claimed(ClaimGuard::none())))
+    }
+}
+
+/// What [`Store::claim_key`] found.
+pub enum KeyClaim {
+    /// The key is ours until the guard is released (or dropped).
+    Claimed(ClaimGuard),
+    /// A request with this key runs on another instance, with the same body or not.
+    Running {
+        /// Whether its body fingerprint is this request's.
+        same_body: bool,
+    },
+}
+
+type Release =
+    Box<dyn FnOnce() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// Holds an Idempotency-Key claim. [`ClaimGuard::release`] gives it back and waits; a guard
+/// dropped unreleased (a cancelled request) gives it back in the background.
+pub struct ClaimGuard(Option<Release>);
+
+impl ClaimGuard {
+    /// A guard with nothing to release.
+    pub fn none() -> Self {
+        ClaimGuard(None)
+    }
+
+    /// A guard whose release runs `release`.
+    pub fn new(
+        release: impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        ClaimGuard(Some(Box::new(release)))
+    }
+
+    /// Gives the claim back and waits until it is gone.
+    pub async fn release(mut self) {
+        if let Some(release) = self.0.take() {
+            release().await;
+        }
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        if let Some(release) = self.0.take()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn(release());
+        }
+    }
 }
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -1104,8 +1169,150 @@ fn encode(outcome: &Outcome) -> rusqlite::Result<String> {
     serde_json::to_string(outcome).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
 }
 
-/// The five steps of docs/PROTOCOL.md, *Applying an op*, at store time `now`. `shown` and
-/// `budget` bound the states the request's answer carries.
+/// An entity's row as the order and version checks read it.
+#[derive(Debug, Clone)]
+pub(crate) struct Current {
+    pub version: i64,
+    pub state: String,
+    pub writer: String,
+    pub run_base: i64,
+}
+
+/// What an applied op writes: the entity's new row (its writer is the op's client) and the
+/// client's new `last` for the entity (the op's seq).
+#[derive(Debug, Clone)]
+pub(crate) struct EntityWrite {
+    pub version: i64,
+    pub state: String,
+    pub run_base: i64,
+    pub last: i64,
+}
+
+/// The replay of a stored outcome.
+pub(crate) fn replayed(id: &str, stored: &str) -> Result<OpResult, serde_json::Error> {
+    Ok(OpResult {
+        id: id.to_owned(),
+        outcome: serde_json::from_str::<Outcome>(stored)?.without_state(),
+        replayed: true,
+    })
+}
+
+/// Step 2 of docs/PROTOCOL.md, *Applying an op* (validation), and the whole answer of an
+/// op without an entity, at store time `now`. `None`: the op names an entity and passed;
+/// go on with [`decide_entity`]. Shared by every store, so that they decide alike.
+pub(crate) fn decide_without_entity(req: &ApplyRequest, op: &Op, now: i64) -> Option<Outcome> {
+    let scripted = req
+        .reject
+        .as_ref()
+        .filter(|rule| rule.kind.as_ref().is_none_or(|k| *k == op.kind))
+        .map(|rule| rule.reason.clone());
+    if let Some(reason) = op.invalid.clone().or(scripted) {
+        return Some(Outcome::Rejected { reason });
+    }
+    if op.entity.is_some() {
+        return None;
+    }
+    if let Some(window) = req.limits.unordered {
+        if op.created_at < now.saturating_sub(window.max_age_ms) {
+            return Some(Outcome::Rejected {
+                reason: format!(
+                    "expired: created_at is more than {} s old, and an op without an entity \
+                     that old could outlive its stored result and apply twice",
+                    window.max_age_ms / 1000
+                ),
+            });
+        }
+        if op.created_at > now.saturating_add(window.max_ahead_ms) {
+            return Some(Outcome::Rejected {
+                reason: format!(
+                    "created_at is more than {} ms ahead of the server's clock",
+                    window.max_ahead_ms
+                ),
+            });
+        }
+    }
+    Some(Outcome::Applied { version: None })
+}
+
+/// Steps 3 to 5 (order, version, apply) for an op on `entity`, given the client's `last`
+/// seq for it and its row (`None`: it does not exist yet). Returns the outcome and, when the
+/// op applies, what to write. `shown` and `budget` bound the states the answer carries.
+/// Shared by every store: each reads its rows, calls this, and writes what it says.
+pub(crate) fn decide_entity(
+    req: &ApplyRequest,
+    op: &Op,
+    entity: &str,
+    last: i64,
+    current: Option<&Current>,
+    shown: &mut HashSet<String>,
+    budget: &mut usize,
+) -> (Outcome, Option<EntityWrite>) {
+    let client = &req.client;
+    let (version, text, writer, run_base) = match current {
+        Some(c) => (c.version, c.state.as_str(), c.writer.as_str(), c.run_base),
+        None => (0, "{}", "", 0),
+    };
+    // 3. Order.
+    if op.seq <= last {
+        return (Outcome::Duplicate { version }, None);
+    }
+    if last < op.prev {
+        return (Outcome::OutOfOrder { last }, None);
+    }
+
+    // 4. Version. Stale means another client wrote after `base` (this client's own writes were
+    // made on top of what it read), or `base` names a version that does not exist yet. The
+    // state is parsed only when the answer will carry it: once per entity, within the budget.
+    let own_run = writer == client.as_str();
+    let foreign = if own_run { run_base } else { version };
+    if let Some(base) = op.base_version
+        && (base < foreign || base > version)
+    {
+        let state = if !shown.contains(entity) && text.len() <= *budget {
+            *budget -= text.len();
+            shown.insert(entity.to_owned());
+            serde_json::from_str(text).ok()
+        } else {
+            None
+        };
+        return (Outcome::conflict(version, state), None);
+    }
+
+    // 5. Apply, unless the state would grow past the limit.
+    let mut state: Value =
+        serde_json::from_str(text).unwrap_or_else(|_| Value::Object(Default::default()));
+    merge_patch(&mut state, &op.payload);
+    let merged = state.to_string();
+    if merged.len() > req.limits.max_state_bytes && merged.len() > text.len() {
+        return (
+            Outcome::Rejected {
+                reason: format!(
+                    "state too large: this op would make the entity's state {} bytes, over the \
+                     server's limit of {} bytes",
+                    merged.len(),
+                    req.limits.max_state_bytes
+                ),
+            },
+            None,
+        );
+    }
+    let run_base = if own_run { run_base } else { version };
+    let version = version + 1;
+    (
+        Outcome::Applied {
+            version: Some(version),
+        },
+        Some(EntityWrite {
+            version,
+            state: merged,
+            run_base,
+            last: op.seq,
+        }),
+    )
+}
+
+/// The five steps of docs/PROTOCOL.md, *Applying an op*, at store time `now`, on SQLite: the
+/// reads and writes around [`decide_without_entity`] and [`decide_entity`].
 fn apply_op(
     conn: &Connection,
     req: &ApplyRequest,
@@ -1115,11 +1322,6 @@ fn apply_op(
     budget: &mut usize,
 ) -> rusqlite::Result<OpResult> {
     let (tenant, client) = (&req.tenant, &req.client);
-    let result = |outcome, replayed| OpResult {
-        id: op.id.clone(),
-        outcome,
-        replayed,
-    };
 
     // 1. Idempotency.
     let stored: Option<String> = conn
@@ -1129,122 +1331,69 @@ fn apply_op(
         .query_row(params![tenant, client, op.id], |r| r.get(0))
         .optional()?;
     if let Some(outcome) = stored {
-        return Ok(result(decode(&outcome)?.without_state(), true));
+        return replayed(&op.id, &outcome)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)));
     }
     // The stored copy never holds the state; the answer may.
     let store = |outcome: Outcome| -> rusqlite::Result<OpResult> {
-        conn.prepare_cached(
-            "INSERT INTO results (tenant, client, op_id, outcome, stored_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?
-        .execute(params![tenant, client, op.id, encode(&outcome.without_state())?, now])?;
-        Ok(result(outcome, false))
+        if outcome.is_final() {
+            conn.prepare_cached(
+                "INSERT INTO results (tenant, client, op_id, outcome, stored_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![tenant, client, op.id, encode(&outcome.without_state())?, now])?;
+        }
+        Ok(OpResult {
+            id: op.id.clone(),
+            outcome,
+            replayed: false,
+        })
     };
 
-    // 2. Validation.
-    let scripted = req
-        .reject
-        .as_ref()
-        .filter(|rule| rule.kind.as_ref().is_none_or(|k| *k == op.kind))
-        .map(|rule| rule.reason.clone());
-    if let Some(reason) = op.invalid.clone().or(scripted) {
-        return store(Outcome::Rejected { reason });
+    // 2. Validation (and the answer of an op without an entity).
+    if let Some(outcome) = decide_without_entity(req, op, now) {
+        return store(outcome);
     }
     let Some(entity) = &op.entity else {
-        if let Some(window) = req.limits.unordered {
-            if op.created_at < now.saturating_sub(window.max_age_ms) {
-                return store(Outcome::Rejected {
-                    reason: format!(
-                        "expired: created_at is more than {} s old, and an op without an entity \
-                         that old could outlive its stored result and apply twice",
-                        window.max_age_ms / 1000
-                    ),
-                });
-            }
-            if op.created_at > now.saturating_add(window.max_ahead_ms) {
-                return store(Outcome::Rejected {
-                    reason: format!(
-                        "created_at is more than {} ms ahead of the server's clock",
-                        window.max_ahead_ms
-                    ),
-                });
-            }
-        }
         return store(Outcome::Applied { version: None });
     };
 
-    // 3. Order.
+    // 3.–5. Order, version, apply.
     let last: i64 = conn
         .prepare_cached("SELECT last FROM lasts WHERE tenant = ?1 AND client = ?2 AND entity = ?3")?
         .query_row(params![tenant, client, entity], |r| r.get(0))
         .optional()?
         .unwrap_or(0);
-    let current: Option<(i64, String, String, i64)> = conn
+    let current: Option<Current> = conn
         .prepare_cached(
             "SELECT version, state, writer, run_base FROM entities WHERE tenant = ?1 AND entity = ?2",
         )?
         .query_row(params![tenant, entity], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            Ok(Current {
+                version: r.get(0)?,
+                state: r.get(1)?,
+                writer: r.get(2)?,
+                run_base: r.get(3)?,
+            })
         })
         .optional()?;
-    let (version, text, writer, run_base) =
-        current.unwrap_or_else(|| (0, "{}".to_owned(), String::new(), 0));
-    if op.seq <= last {
-        return store(Outcome::Duplicate { version });
+    let (outcome, write) = decide_entity(req, op, entity, last, current.as_ref(), shown, budget);
+    if let Some(w) = write {
+        conn.prepare_cached(
+            "INSERT INTO entities (tenant, entity, version, state, writer, run_base)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (tenant, entity) DO UPDATE SET version = excluded.version,
+               state = excluded.state, writer = excluded.writer, run_base = excluded.run_base",
+        )?
+        .execute(params![
+            tenant, entity, w.version, w.state, client, w.run_base
+        ])?;
+        conn.prepare_cached(
+            "INSERT INTO lasts (tenant, client, entity, last) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (tenant, client, entity) DO UPDATE SET last = excluded.last",
+        )?
+        .execute(params![tenant, client, entity, w.last])?;
     }
-    if last < op.prev {
-        return Ok(result(Outcome::OutOfOrder { last }, false));
-    }
-
-    // 4. Version. Stale means another client wrote after `base` (this client's own writes were
-    // made on top of what it read), or `base` names a version that does not exist yet. The
-    // state is parsed only when the answer will carry it: once per entity, within the budget.
-    let own_run = writer == *client;
-    let foreign = if own_run { run_base } else { version };
-    if let Some(base) = op.base_version
-        && (base < foreign || base > version)
-    {
-        let state = if !shown.contains(entity.as_str()) && text.len() <= *budget {
-            *budget -= text.len();
-            shown.insert(entity.clone());
-            serde_json::from_str(&text).ok()
-        } else {
-            None
-        };
-        return store(Outcome::conflict(version, state));
-    }
-
-    // 5. Apply, unless the state would grow past the limit.
-    let mut state: Value =
-        serde_json::from_str(&text).unwrap_or_else(|_| Value::Object(Default::default()));
-    merge_patch(&mut state, &op.payload);
-    let merged = state.to_string();
-    if merged.len() > req.limits.max_state_bytes && merged.len() > text.len() {
-        return store(Outcome::Rejected {
-            reason: format!(
-                "state too large: this op would make the entity's state {} bytes, over the \
-                 server's limit of {} bytes",
-                merged.len(),
-                req.limits.max_state_bytes
-            ),
-        });
-    }
-    let run_base = if own_run { run_base } else { version };
-    let version = version + 1;
-    conn.prepare_cached(
-        "INSERT INTO entities (tenant, entity, version, state, writer, run_base)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (tenant, entity) DO UPDATE SET version = excluded.version,
-           state = excluded.state, writer = excluded.writer, run_base = excluded.run_base",
-    )?
-    .execute(params![tenant, entity, version, merged, client, run_base])?;
-    conn.prepare_cached(
-        "INSERT INTO lasts (tenant, client, entity, last) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (tenant, client, entity) DO UPDATE SET last = excluded.last",
-    )?
-    .execute(params![tenant, client, entity, op.seq])?;
-    store(Outcome::Applied {
-        version: Some(version),
-    })
+    store(outcome)
 }
 
 #[cfg(test)]
