@@ -10,13 +10,13 @@ SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 export PATH := $(CURDIR)/node_modules/.bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: demo test setup build wasm server conformance package package-test native wasm-test e2e chaos-short chaos lint types size bench mutants clean
+.PHONY: demo test setup build wasm server server-pg conformance package package-test native wasm-test e2e chaos-short chaos lint types size bench mutants clean
 
 demo: build
 	scripts/demo
 
 test: build
-	$(MAKE) --no-print-directory lint types native package-test wasm-test e2e chaos-short size
+	$(MAKE) --no-print-directory lint types native server-pg package-test wasm-test e2e chaos-short size
 
 setup:
 	scripts/setup
@@ -46,6 +46,10 @@ package: setup wasm
 # The tarball installs into an empty folder and a consumer of its three entry points type-checks.
 package-test:
 	node --test tests/package/package.test.mjs
+
+# The server's integration suite again, on a throwaway PostgreSQL cluster (the same test bodies).
+server-pg:
+	PG_CLUSTER_FAST=1 scripts/with-postgres cargo test -p outbox-server --tests --quiet
 
 # The shared wasm test bodies in Chromium and Firefox, in a window, a service worker and a
 # dedicated worker, against the real server.

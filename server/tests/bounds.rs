@@ -86,13 +86,10 @@ async fn states_past_the_answer_budget_are_omitted_and_replays_never_carry_one()
         400
     );
     // Stored results hold no state.
-    let db = rusqlite::Connection::open(&server.db).unwrap();
-    let outcomes: Vec<String> = db
-        .prepare("SELECT outcome FROM results")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
+    let outcomes: Vec<String> = server
+        .sql("SELECT outcome FROM results")
+        .into_iter()
+        .map(|mut r| r.remove(0))
         .collect();
     assert!(outcomes.len() >= 4);
     assert!(
@@ -190,19 +187,11 @@ async fn an_op_that_would_grow_a_state_past_the_limit_is_rejected_whole() {
 async fn the_retention_purge_runs_in_bounded_chunks() {
     let server = Server::start(&["--retention", "10s"]);
     // 2,500 expired results, written beside the running server in one transaction.
-    {
-        let mut db = rusqlite::Connection::open(&server.db).unwrap();
-        db.busy_timeout(Duration::from_secs(10)).unwrap();
-        let tx = db.transaction().unwrap();
-        for i in 0..2_500 {
-            tx.execute(
-                "INSERT INTO results (tenant, client, op_id, outcome, stored_at) VALUES ('test', 'c', ?1, '{\"status\":\"applied\",\"version\":1}', 0)",
-                [format!("op-{i}")],
-            )
-            .unwrap();
-        }
-        tx.commit().unwrap();
-    }
+    server.sql(
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 2499)
+         INSERT INTO results (tenant, client, op_id, outcome, stored_at)
+         SELECT 'test', 'c', 'op-' || i, '{\"status\":\"applied\",\"version\":1}', 0 FROM n",
+    );
     // The purge runs every second (a tenth of the retention, at least 1 s).
     eventually(Duration::from_secs(30), "the purge", || async {
         server.stderr().contains("rows=2500")

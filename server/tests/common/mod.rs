@@ -1,5 +1,9 @@
 //! Shared harness: starts the real `outbox-server` binary on 127.0.0.1:0 with a temporary
 //! SQLite file, and kills it on drop (so a failing test never leaves a server behind).
+//!
+//! With `OUTBOX_TEST_DB=postgres://…` (scripts/with-postgres sets it) every server runs on
+//! PostgreSQL instead, on a fresh database of its own in that cluster, so that the same test
+//! bodies check both stores.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -25,7 +29,7 @@ pub struct Server {
     _stdout: BufReader<ChildStdout>,
     /// `http://127.0.0.1:PORT`.
     pub url: String,
-    /// The SQLite file.
+    /// The SQLite file, or the PostgreSQL URL of the server's own database.
     pub db: PathBuf,
     /// Where its stderr (the tracing log) goes.
     pub log_path: PathBuf,
@@ -63,7 +67,10 @@ impl Server {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let db = dir.path().join("outbox.db");
+        let db = match test_db() {
+            Some(cluster) => PathBuf::from(fresh_database(&cluster)),
+            None => dir.path().join("outbox.db"),
+        };
         let log_path = dir.path().join("server-0.log");
         let (child, stdout, url) = launch(&args, &envs, &db, &log_path);
         let http = reqwest::Client::builder()
@@ -134,6 +141,37 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Runs `sql` (no parameters) on the server's database, whichever engine it is, and
+    /// returns the rows, every column as text (NULL as an empty string).
+    pub fn sql(&self, sql: &str) -> Vec<Vec<String>> {
+        let db = self.db.to_string_lossy().into_owned();
+        if db.starts_with("postgres") {
+            return pg_query(&db, sql);
+        }
+        let conn = rusqlite::Connection::open(&self.db).expect("open the SQLite file");
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        let mut stmt = conn.prepare(sql).expect("prepare");
+        let n = stmt.column_count();
+        let rows = stmt
+            .query_map([], |r| {
+                (0..n)
+                    .map(|i| {
+                        Ok(match r.get_ref(i)? {
+                            rusqlite::types::ValueRef::Null => String::new(),
+                            rusqlite::types::ValueRef::Integer(v) => v.to_string(),
+                            rusqlite::types::ValueRef::Real(v) => v.to_string(),
+                            rusqlite::types::ValueRef::Text(t) => {
+                                String::from_utf8_lossy(t).into_owned()
+                            }
+                            rusqlite::types::ValueRef::Blob(b) => format!("{b:?}"),
+                        })
+                    })
+                    .collect::<rusqlite::Result<Vec<String>>>()
+            })
+            .expect("query");
+        rows.map(Result::unwrap).collect()
     }
 
     /// The server's stderr so far.
@@ -391,4 +429,62 @@ pub fn status_of(answer: &str) -> u16 {
 pub fn body_of(answer: &str) -> Value {
     let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
     serde_json::from_str(body).unwrap_or_else(|e| panic!("body of {answer:?}: {e}"))
+}
+
+/// The PostgreSQL cluster the tests run on, if any (`OUTBOX_TEST_DB`).
+pub fn test_db() -> Option<String> {
+    std::env::var("OUTBOX_TEST_DB")
+        .ok()
+        .filter(|u| u.starts_with("postgres://") || u.starts_with("postgresql://"))
+}
+
+/// Creates a new, empty database in the cluster of `cluster_url` and returns its URL.
+pub fn fresh_database(cluster_url: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let name = format!(
+        "t{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        now_ms()
+    );
+    pg_query(cluster_url, &format!("CREATE DATABASE {name}"));
+    let base = cluster_url.rsplit_once('/').map_or(cluster_url, |(b, _)| b);
+    format!("{base}/{name}")
+}
+
+/// Runs `sql` (simple query protocol: one or more statements) on `url` on a thread of its
+/// own (callers may be inside a runtime), returning the rows of text.
+pub fn pg_query(url: &str, sql: &str) -> Vec<Vec<String>> {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+            let task = tokio::spawn(conn);
+            let mut rows = Vec::new();
+            for m in client
+                .simple_query(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            {
+                if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                    rows.push(
+                        (0..r.len())
+                            .map(|i| r.get(i).unwrap_or_default().to_owned())
+                            .collect(),
+                    );
+                }
+            }
+            drop(client);
+            let _ = task.await;
+            rows
+        })
+    })
+    .join()
+    .expect("postgres query thread")
 }
