@@ -13,20 +13,11 @@ import { Collector } from './collector.mjs';
 import { Ledger, timingStats } from './ledger.mjs';
 import { scanExtensionStores } from './leveldb.mjs';
 import { LOADS, PROBE, prepareWorkload } from './workload.mjs';
+// The chaos suite's seeded PRNG (mulberry32), so both harnesses draw the same way from a seed.
+import { random as rng } from '../../chaos/lib/schedule.mjs';
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-/** mulberry32: a small seeded PRNG, uniform in [0, 1). */
-export function rng(seed) {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Resolves with the first `name` event of `emitter` whose arguments satisfy `test`, or null after `timeout`. */
 function nextEvent(emitter, name, test, timeout) {
